@@ -1,0 +1,86 @@
+"""skinlab: a Jupyter-friendly toolkit for the YouCam AI Skin Analysis API v2.
+
+Submit face photos for skin analysis, wait for the results and get tidy pandas tables and
+aligned masks, from the cloud service (with an API key) or from the embedded local backend
+(no key, no internet), which measures the skin from the pixels.
+
+>>> import skinlab
+>>> result = skinlab.analyze("face.jpg", ["wrinkle", "pore", "redness"])   # doctest: +SKIP
+>>> result.scores                                                           # doctest: +SKIP
+
+Heavy parts (HTTP, pandas, the local engine) are imported on first use, so ``import skinlab``
+stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from . import errors
+from .actions import CATALOGUE, estimate_units, resolve_actions, validate_actions, validate_miniserver_args
+from .errors import *  # noqa: F401,F403 - the exception tree is public
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Client": "skinlab.client",
+    "Task": "skinlab.client",
+    "TaskStatus": "skinlab.client",
+    "RetryPolicy": "skinlab.client",
+    "PollSchedule": "skinlab.client",
+    "RateLimiter": "skinlab.client",
+    "connect": "skinlab.client",
+    "AnalysisResult": "skinlab.results",
+    "prepare_image": "skinlab.images",
+    "PreparedImage": "skinlab.images",
+    "analyze": "skinlab.helpers",
+    "submit": "skinlab.helpers",
+    "sample_portrait": "skinlab.samples",
+}
+_SUBMODULES = {"local", "samples", "cli", "client", "results", "images", "helpers"}
+
+__all__ = [
+    "__version__",
+    "CATALOGUE",
+    "AnalysisResult",
+    "Client",
+    "PollSchedule",
+    "PreparedImage",
+    "RateLimiter",
+    "RetryPolicy",
+    "Task",
+    "TaskStatus",
+    "analyze",
+    "connect",
+    "errors",
+    "estimate_units",
+    "prepare_image",
+    "resolve_actions",
+    "sample_portrait",
+    "submit",
+    "validate_actions",
+    "validate_miniserver_args",
+] + list(errors.__all__)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"skinlab.{name}")
+    raise AttributeError(f"module 'skinlab' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .client import Client, PollSchedule, RateLimiter, RetryPolicy, Task, TaskStatus, connect
+    from .helpers import analyze, submit
+    from .images import PreparedImage, prepare_image
+    from .results import AnalysisResult
+    from .samples import sample_portrait

@@ -1,0 +1,203 @@
+"""The ``skinlab`` command line.
+
+* ``skinlab analyze PHOTO... --actions wrinkle,pore [--hd] [--format json|zip] [--out DIR]``
+* ``skinlab analyze --sample astronaut`` analyses a bundled public-domain portrait
+* ``skinlab actions`` lists the catalogue
+* ``skinlab serve`` runs the local emulator
+* ``skinlab sample NAME -o FILE`` writes a bundled portrait, cropped and upscaled for the API
+
+``analyze`` uses the cloud when ``SKINLAB_API_KEY`` (or ``YOUCAM_API_KEY``) is set and the embedded
+local backend otherwise, and says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+from . import __version__
+from .actions import CATALOGUE, estimate_units, resolve_actions, validate_actions
+from .errors import SkinlabError
+
+__all__ = ["main"]
+
+
+def _print(*args) -> None:
+    print(*args, flush=True)
+
+
+def _cmd_actions(args) -> int:
+    tiers = ["hd"] if args.hd else ["sd"] if args.sd else ["sd", "hd"]
+    for tier in tiers:
+        _print(f"{tier.upper()} actions (units: 1-4 concerns {9 if tier == 'sd' else 12}, 5-8 "
+               f"{12 if tier == 'sd' else 16}, 9-12 {14 if tier == 'sd' else 20}, 13-16 {16 if tier == 'sd' else 22})")
+        for a in CATALOGUE.values():
+            if a.tier == tier:
+                regions = ", ".join(a.regions)
+                _print(f"  {a.name:<24} {a.measures:<38} regions: {regions}")
+        _print("")
+    return 0
+
+
+def _safe_stem(path: Path, used: set[str]) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem).strip("._") or "image"
+    name, i = stem, 2
+    while name in used:
+        name, i = f"{stem}-{i}", i + 1
+    used.add(name)
+    return name
+
+
+def _cmd_analyze(args) -> int:
+    from .client import connect
+
+    photos = [Path(p) for p in args.photos]
+    tmp = None
+    if args.sample:
+        from .samples import save_sample
+
+        tmp = tempfile.TemporaryDirectory(prefix="skinlab-sample-")
+        tier = "hd" if args.hd else "sd"
+        photos.append(save_sample(args.sample, Path(tmp.name) / f"{args.sample}_{tier}.jpg", tier=tier))
+        _print(f"Sample: the bundled public-domain portrait {args.sample!r}, cropped to the face and upscaled "
+               f"for {tier.upper()}.")
+    if not photos:
+        _print("error: give at least one PHOTO, or --sample astronaut")
+        return 2
+    names = resolve_actions(args.actions, hd=args.hd)
+    validated = validate_actions(names)  # before any network call
+    client = connect(base_url=args.base_url, local=True if args.local else None, api_version=args.api_version)
+    try:
+        if client.backend == "local":
+            _print(f"Backend: LOCAL embedded engine at {client.base_url} (no API key set). Scores are measured "
+                   "from the pixels by skinlab's engine: not the YouCam service, not clinically validated.")
+        else:
+            _print(f"Backend: YouCam CLOUD at {client.base_url} ({client.api_version}); "
+                   f"each successful photo costs {estimate_units(validated.names)} units.")
+        out = Path(args.out)
+        used: set[str] = set()
+        failures = 0
+        for photo in photos:
+            _print(f"\n== {photo.name}")
+            try:
+                task = client.submit(photo, validated.names, format=args.format, downscale=args.downscale)
+                for change in task.source.get("changes", []):
+                    _print(f"   pre-flight: {change}")
+                result = task.wait(timeout=args.timeout)
+            except SkinlabError as exc:
+                failures += 1
+                _print(f"   FAILED: {exc}")
+                continue
+            _print(f"   task {result.task_id}  backend={result.backend}  engine={result.engine}")
+            table = result.scores.drop(columns=["concern"])
+            _print(table.to_string(index=False, na_rep="-"))
+            if result.overall is not None:
+                _print(f"   overall score: {result.overall:.1f}")
+            if result.skin_age is not None:
+                _print(f"   skin age: {result.skin_age}")
+            folder = result.save(out / _safe_stem(photo, used))
+            n_masks = len(result.mask_names)
+            _print(f"   wrote scores.csv, result.json and {n_masks} masks to {folder}")
+        if failures:
+            _print(f"\n{failures} of {len(photos)} photo(s) failed.")
+        return 1 if failures else 0
+    finally:
+        client.close()
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _cmd_serve(args) -> int:
+    from .local import LocalServer
+
+    settings = dict(task_duration_s=args.task_duration, initial_units=args.units, strict=args.strict)
+    if args.api_key:
+        settings["api_keys"] = list(args.api_key)
+    server = LocalServer(host=args.host, port=args.port, allow_remote_bind=args.allow_remote, **settings)
+    server.start()
+    _print(f"skinlab local emulator serving the YouCam skin-analysis contract at {server.url}")
+    _print(f"Use it with: skinlab.Client(base_url={server.url!r})   (Ctrl-C to stop)")
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        _print("stopping")
+    finally:
+        server.stop()
+    return 0
+
+
+def _cmd_sample(args) -> int:
+    from .samples import save_sample
+
+    tier = "hd" if args.hd else "sd"
+    path = save_sample(args.name, args.output or f"{args.name}_{tier}.jpg", tier=tier, crop=not args.uncropped)
+    _print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="skinlab", description="Skin analysis with the YouCam API or the local backend.")
+    p.add_argument("--version", action="version", version=f"skinlab {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log HTTP and pre-flight details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("analyze", help="analyse photos and print their scores")
+    a.add_argument("photos", nargs="*", help="JPEG or PNG face photos")
+    a.add_argument("--actions", default="all",
+                   help="comma-separated concerns or action names, or 'all' (default: all)")
+    a.add_argument("--hd", action="store_true", help="use the HD actions (short side >= 1080 px)")
+    a.add_argument("--format", choices=["zip", "json"], default="zip")
+    a.add_argument("--out", default="skinlab-results", help="folder for results (default: skinlab-results)")
+    a.add_argument("--sample", choices=["astronaut", "grace_hopper"], help="also analyse a bundled portrait")
+    a.add_argument("--local", action="store_true", help="use the local backend even if an API key is set")
+    a.add_argument("--base-url", help="service or emulator URL")
+    a.add_argument("--api-version", default="v2.0", choices=["v2.0", "v2.1"])
+    a.add_argument("--timeout", type=float, default=300.0, help="seconds to wait per task")
+    a.add_argument("--downscale", action="store_true", help="downscale images over 2560 px before upload")
+    a.set_defaults(func=_cmd_analyze)
+
+    c = sub.add_parser("actions", help="list the 32 actions")
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("--hd", action="store_true")
+    g.add_argument("--sd", action="store_true")
+    c.set_defaults(func=_cmd_actions)
+
+    s = sub.add_parser("serve", help="run the local emulator of the API")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8765)
+    s.add_argument("--task-duration", type=float, default=5.0, help="seconds a task runs (default 5, as the cloud)")
+    s.add_argument("--units", type=int, default=1000, help="starting unit balance")
+    s.add_argument("--strict", action="store_true", help="the documented 0.60 face width and 4096 px limit")
+    s.add_argument("--api-key", action="append", help="accept only this key (repeatable)")
+    s.add_argument("--allow-remote", action="store_true", help="allow binding a non-loopback address")
+    s.set_defaults(func=_cmd_serve)
+
+    m = sub.add_parser("sample", help="write a bundled public-domain portrait")
+    m.add_argument("name", choices=["astronaut", "grace_hopper"])
+    m.add_argument("-o", "--output")
+    m.add_argument("--hd", action="store_true")
+    m.add_argument("--uncropped", action="store_true", help="the original (the service rejects it: face too small)")
+    m.set_defaults(func=_cmd_sample)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.func(args)
+    except SkinlabError as exc:
+        _print(f"error: {exc}")
+        return 2
+    except KeyboardInterrupt:  # pragma: no cover
+        _print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,777 @@
+"""HTTP client for the YouCam AI Skin Analysis API v2 (and skinlab's local emulator).
+
+The client speaks the contract in ``api-contract.md``: it reserves an upload slot, PUTs the
+bytes to the presigned URL, creates a task, polls it and downloads the results. It talks to the
+local backend exactly as to the cloud, over HTTP.
+
+Two retry policies (contract §8.1, §5.5):
+
+* safe calls (upload slot, upload PUT, poll, downloads) retry connection errors, 429 and 5xx
+  with exponential backoff and full jitter;
+* task creation is retried only after a 429 or when the connection was never established.
+  Any other failure after the request may have reached the service raises
+  :class:`~skinlab.errors.TaskFateUnknownError` and is never re-sent: a second create would
+  bill a second task.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+from urllib.parse import urlsplit
+
+import requests
+
+from . import errors
+from .actions import CATALOGUE, estimate_units, validate_actions, validate_format, validate_miniserver_args
+from .errors import (
+    APIError, AuthenticationError, ConfigurationError, InsufficientCreditsError,
+    InvalidParametersError, InvalidTaskIdError, RateLimitError, ServerError,
+    SkinlabConnectionError, TaskFateUnknownError, TaskTimeoutError, UploadError,
+)
+from .images import PreparedImage, prepare_image
+
+__all__ = ["Client", "Task", "TaskStatus", "RetryPolicy", "PollSchedule", "RateLimiter", "DEFAULT_BASE_URL"]
+
+log = logging.getLogger("skinlab")
+
+DEFAULT_BASE_URL = "https://yce-api-01.makeupar.com"
+API_VERSIONS = ("v2.0", "v2.1")
+_LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+#: The token sent to a loopback emulator when no key is configured (the emulator accepts any).
+LOCAL_TOKEN = "skinlab-local"
+
+
+def normalise_key(key: str | None) -> str | None:
+    """Clean a pasted API key: whitespace, quotes, angle brackets and a leading ``Bearer``."""
+    if key is None:
+        return None
+    text = str(key).strip()
+    for _ in range(3):
+        text = text.strip().strip("\"'`").strip()
+        if text[:1] == "<" and text[-1:] == ">":
+            text = text[1:-1]
+        if text.lower().startswith("bearer "):
+            text = text[7:]
+    text = text.strip()
+    return text or None
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    return host in _LOOPBACK or host.startswith("127.")
+
+
+# --------------------------------------------------------------------------- policies
+
+
+@dataclass
+class RetryPolicy:
+    """Exponential backoff with full jitter (contract §8.1).
+
+    ``delay(n) = uniform(0, min(cap, base * factor**n))`` for retry ``n`` (0-based).
+    """
+
+    base: float = 1.0
+    factor: float = 2.0
+    cap: float = 60.0
+    max_retries_429: int = 5
+    max_retries_5xx: int = 3
+    max_retries_connection: int = 3
+    sleep: Callable[[float], None] = time.sleep
+    rng: random.Random | None = None
+
+    def delay(self, attempt: int) -> float:
+        rng = self.rng or random
+        return rng.uniform(0, min(self.cap, self.base * self.factor ** attempt))
+
+
+@dataclass
+class PollSchedule:
+    """When to poll a running task: wait ``first`` seconds, then multiply by ``factor`` up to ``cap``.
+
+    The defaults spend few requests on the cloud (tasks take 5-7 s): the first poll at 5 s, then
+    every 1.5x longer, at most every 10 s. The caller's deadline always wins.
+    """
+
+    first: float = 5.0
+    factor: float = 1.5
+    cap: float = 10.0
+    minimum: float = 0.05
+
+    def delays(self) -> Iterable[float]:
+        delay = self.first
+        while True:
+            yield max(self.minimum, delay)
+            delay = min(self.cap, max(delay * self.factor, self.minimum))
+
+
+#: A schedule for the local backend, whose tasks finish in about a second.
+LOCAL_POLL = PollSchedule(first=0.3, factor=1.5, cap=2.0)
+
+
+class RateLimiter:
+    """A sliding-window limiter shared by every thread that uses one API key.
+
+    Keeps at most ``limit`` requests in any ``window`` seconds (the service allows 250 per
+    300 s; the default leaves a small margin).
+    """
+
+    _shared: dict[tuple[str, str], "RateLimiter"] = {}
+    _shared_lock = threading.Lock()
+
+    def __init__(self, limit: int = 240, window: float = 300.0, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.limit, self.window = limit, window
+        self._clock, self._sleep = clock, sleep
+        self._times: deque[float] = deque()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_key(cls, base_url: str, key: str, **kw) -> "RateLimiter":
+        import hashlib
+
+        ident = (base_url, hashlib.sha256(key.encode()).hexdigest())
+        with cls._shared_lock:
+            if ident not in cls._shared:
+                cls._shared[ident] = cls(**kw)
+            return cls._shared[ident]
+
+    def acquire(self) -> float:
+        """Block until a request may be sent; return the seconds waited."""
+        waited = 0.0
+        while True:
+            with self._lock:
+                now = self._clock()
+                while self._times and now - self._times[0] >= self.window:
+                    self._times.popleft()
+                if len(self._times) < self.limit:
+                    self._times.append(now)
+                    return waited
+                pause = self.window - (now - self._times[0]) + 0.01
+            self._sleep(pause)
+            waited += pause
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def _request_id(resp: requests.Response | None) -> str | None:
+    return resp.headers.get("x-request-id") if resp is not None else None
+
+
+def _json_body(resp: requests.Response) -> Any:
+    try:
+        return resp.json()
+    except ValueError:
+        return None
+
+
+def unwrap(body: Any) -> Any:
+    """Return the payload of a success envelope: ``data``, else ``result``, else ``results`` (§9.2, 22)."""
+    if isinstance(body, dict):
+        for key in ("data", "result", "results"):
+            if key in body:
+                return body[key]
+    raise errors.ResultFormatError("The response has none of the envelope keys data, result or results.")
+
+
+def error_from_response(resp: requests.Response, *, context: str = "") -> APIError:
+    """Map an HTTP error response to the exception tree, by status and ``error_code`` (§2.4)."""
+    body = _json_body(resp)
+    rid = _request_id(resp)
+    status = resp.status_code
+    if isinstance(body, dict):
+        text = str(body.get("error") or body.get("message") or "")
+        code = body.get("error_code")
+        code = str(code) if code is not None else None
+    else:
+        snippet = re.sub(r"\s+", " ", resp.text[:200]) if resp.text else ""
+        text, code = f"unexpected non-JSON answer: {snippet!r}", None
+    where = f"{context}: " if context else ""
+    kw = dict(status=status, code=code, request_id=rid)
+    if status == 401:
+        return AuthenticationError(
+            f"{where}the API key was refused ({text or 'unauthorized'}). Check SKINLAB_API_KEY: paste the key "
+            "alone, without 'Bearer' or angle brackets; it may be inactive or expired in the YouCam console.", **kw)
+    if status == 429:
+        return RateLimitError(f"{where}rate limit reached ({text or 'Too many requests'}); the service allows "
+                              "250 requests per 300 s per key. Wait a few minutes.", **kw)
+    if code == "InvalidTaskId" or text.strip().lower() == "invalid task id":
+        return InvalidTaskIdError(f"{where}invalid task ID: the task is unknown, deleted, someone else's, or "
+                                  "expired (tasks live 24 h after completion).", **kw)
+    if code == "CreditInsufficiency":
+        return InsufficientCreditsError(f"{where}not enough units for this task ({text}). Top up in the YouCam "
+                                        "console or request fewer concerns.", **kw)
+    if status >= 500:
+        return ServerError(f"{where}the service failed ({text or 'server error'}); safe calls are retried, "
+                           "try again later.", **kw)
+    if status in (400, 422) and code in (None, "InvalidParameters", "BadRequest"):
+        return InvalidParametersError(f"{where}the service rejected the request: {text}", **kw)
+    return APIError(f"{where}HTTP {status}: {text or resp.reason}", **kw)
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+@dataclass
+class TaskStatus:
+    """One poll's answer."""
+
+    state: str  # running | success | error
+    error: str | None = None
+    message: str | None = None
+    results: Any = None
+    request_id: str | None = None
+    backend: str = "cloud"
+    engine: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("success", "error")
+
+
+class Task:
+    """A submitted task. Returned at once by :meth:`Client.submit`.
+
+    Use :meth:`status` for one poll, :meth:`wait` to block until it finishes (with a deadline),
+    and :meth:`result` for the :class:`~skinlab.results.AnalysisResult`.
+    """
+
+    def __init__(self, client: "Client", task_id: str, *, actions: Iterable[str] = (), format: str = "zip",
+                 api_version: str | None = None, source: Mapping[str, Any] | None = None,
+                 units: int | None = None, created_at: float | None = None) -> None:
+        self.client = client
+        self.task_id = task_id
+        self.actions = tuple(actions)
+        self.format = format
+        self.api_version = api_version or client.api_version
+        self.source = dict(source or {})
+        self.units = units
+        self.created_at = created_at if created_at is not None else time.time()
+        self.last_status: TaskStatus | None = None
+        self._result = None
+
+    def __repr__(self) -> str:
+        state = self.last_status.state if self.last_status else "submitted"
+        return f"<Task {self.task_id[:12]}... {state}, {len(self.actions)} actions, {self.format}>"
+
+    def status(self) -> TaskStatus:
+        """Poll once and return the :class:`TaskStatus`."""
+        self.last_status = self.client._poll(self.task_id, self.api_version)
+        return self.last_status
+
+    def wait(self, timeout: float | None = 300.0, *, schedule: PollSchedule | None = None):
+        """Poll until the task ends and return its :class:`~skinlab.results.AnalysisResult`.
+
+        The deadline is on the monotonic clock and no poll is sent after it.
+
+        Raises
+        ------
+        TaskError
+            (a subclass named after the engine code) when the task ended in ``error``.
+        TaskTimeoutError
+            When ``timeout`` seconds passed first; it keeps :attr:`task_id` so you can resume
+            with ``client.task(task_id).wait()`` instead of submitting again.
+        """
+        if self._result is not None:
+            return self._result
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delays = iter(schedule or self.client.poll_schedule)
+        while True:
+            status = self.last_status
+            if status is None or not status.done:
+                delay = next(delays)
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0.01:
+                        raise TaskTimeoutError(
+                            f"Task {self.task_id} still running after {timeout:g} s. It is not lost: resume with "
+                            f"client.task({self.task_id!r}).wait(); do not submit again (that bills twice).",
+                            task_id=self.task_id)
+                    delay = min(delay, remaining - 0.01)
+                time.sleep(delay)
+                status = self.status()
+            if status.state == "success":
+                from .results import AnalysisResult
+
+                self._result = AnalysisResult.from_status(status, task=self)
+                return self._result
+            if status.state == "error":
+                raise errors.task_error_for(status.error, status.message, task_id=self.task_id,
+                                            request_id=status.request_id)
+
+    def result(self, timeout: float | None = 300.0):
+        """The :class:`~skinlab.results.AnalysisResult`, waiting for it if needed."""
+        return self.wait(timeout)
+
+    def delete(self) -> None:
+        """Delete the finished task and its files on the service (free)."""
+        self.client.delete_task(self.task_id)
+
+
+# --------------------------------------------------------------------------- client
+
+
+class Client:
+    """A connection to the skin-analysis service, or to skinlab's local emulator.
+
+    Parameters
+    ----------
+    api_key : str, optional
+        The API key. Defaults to ``$SKINLAB_API_KEY``, then ``$YOUCAM_API_KEY``. Pasted forms such
+        as ``"Bearer <sk-...>"`` are cleaned. Not needed for a loopback ``base_url``.
+    base_url : str, optional
+        The API host (default: the YouCam cloud). For the embedded emulator use
+        :meth:`Client.local`, or the URL of ``skinlab serve``.
+    api_version : {"v2.0", "v2.1"}
+        Task endpoint version.
+    upload_path : str
+        The File API path used for upload slots (``/s2s/v2.0/file`` by default).
+    timeout : (float, float)
+        Connect and read timeouts for API calls (20 s, 60 s); the upload PUT uses ``put_timeout``.
+    retry : RetryPolicy, poll_schedule : PollSchedule, rate_limiter : RateLimiter or False
+        Tunables; by default a limiter is shared by every client using the same key and host.
+
+    Examples
+    --------
+    >>> with skinlab.Client.local() as client:                          # doctest: +SKIP
+    ...     result = client.submit("face.jpg", ["wrinkle", "pore"]).wait()
+    """
+
+    def __init__(self, api_key: str | None = None, *, base_url: str | None = None, api_version: str = "v2.0",
+                 upload_path: str = "/s2s/v2.0/file", timeout: tuple[float, float] = (20.0, 60.0),
+                 put_timeout: float = 300.0, retry: RetryPolicy | None = None,
+                 poll_schedule: PollSchedule | None = None, rate_limiter: RateLimiter | bool | None = None,
+                 session: requests.Session | None = None, allow_insecure_http: bool = False) -> None:
+        key = normalise_key(api_key)
+        if key is None:
+            key = normalise_key(os.environ.get("SKINLAB_API_KEY")) or normalise_key(os.environ.get("YOUCAM_API_KEY"))
+        if key is None and base_url is None:
+            raise ConfigurationError(
+                "No API key. Set one with skinlab.Client(api_key=...) or the SKINLAB_API_KEY (or YOUCAM_API_KEY) "
+                "environment variable. To work offline without a key, use the embedded local backend: "
+                "skinlab.Client.local(), or run `skinlab serve` and pass base_url=.")
+        base = (base_url or DEFAULT_BASE_URL).rstrip("/")
+        scheme = urlsplit(base).scheme
+        if scheme not in ("http", "https"):
+            raise ConfigurationError(f"base_url must start with https:// (or http:// for a local server), got {base!r}")
+        if scheme == "http" and not _is_loopback(base) and not allow_insecure_http:
+            raise ConfigurationError(
+                f"Refusing to send an API key over plain http to {urlsplit(base).hostname}; use https, or pass "
+                "allow_insecure_http=True if you really mean it.")
+        if key is None:
+            if not _is_loopback(base):
+                raise ConfigurationError(
+                    f"No API key for {base}. Set SKINLAB_API_KEY (or YOUCAM_API_KEY), or pass api_key=.")
+            key = LOCAL_TOKEN
+        if api_version not in API_VERSIONS:
+            raise ConfigurationError(f"api_version must be one of {', '.join(API_VERSIONS)}, got {api_version!r}")
+        errors.register_secret(key)
+        self.__key = key
+        self.base_url = base
+        self.api_version = api_version
+        self.upload_path = upload_path
+        self.timeout = timeout
+        self.put_timeout = put_timeout
+        self.retry = retry or RetryPolicy()
+        self.poll_schedule = poll_schedule or (LOCAL_POLL if _is_loopback(base) else PollSchedule())
+        if rate_limiter is None or rate_limiter is True:
+            self.rate_limiter: RateLimiter | None = RateLimiter.for_key(base, key)
+        else:
+            self.rate_limiter = rate_limiter or None
+        self.session = session or requests.Session()
+        self.session.trust_env = True
+        self.backend = "local" if _is_loopback(base) else "cloud"
+        self.engine: str | None = None
+        self._server = None  # an embedded LocalServer owned by this client
+
+    # ---- construction helpers
+
+    @classmethod
+    def local(cls, **settings) -> "Client":
+        """A client bound to a fresh embedded local backend (stopped by :meth:`close`).
+
+        Keyword arguments go to :class:`skinlab.local.ServerConfig` (for example
+        ``task_duration_s=0``); client options (``api_version``, ``poll_schedule``, ``retry``)
+        are passed to the client.
+        """
+        from . import local
+
+        client_kw = {k: settings.pop(k) for k in ("api_version", "poll_schedule", "retry", "timeout")
+                     if k in settings}
+        settings.setdefault("task_duration_s", 0.0)
+        server = local.LocalServer(**settings)
+        server.start()
+        try:
+            client = cls(base_url=server.url, **client_kw)
+        except Exception:
+            server.stop()
+            raise
+        client._server = server
+        return client
+
+    def __repr__(self) -> str:
+        return f"<skinlab.Client {self.backend} {self.base_url} {self.api_version} key=***>"
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the HTTP session (and the embedded server, if this client started one)."""
+        self.session.close()
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    # ---- low-level HTTP
+
+    def _url(self, path: str) -> str:
+        return self.base_url + path
+
+    def _api(self, method: str, path: str, *, json_body: Any = None, params: Mapping[str, Any] | None = None,
+             safe: bool = True, context: str = "") -> tuple[Any, requests.Response]:
+        """One API-host call with the retry policy; returns (decoded JSON body, response)."""
+        retries = {"429": 0, "5xx": 0, "conn": 0}
+        attempt = 0
+        while True:
+            if self.rate_limiter is not None:
+                self.rate_limiter.acquire()
+            headers = {"Authorization": f"Bearer {self.__key}"}
+            if json_body is not None:
+                headers["Content-Type"] = "application/json"
+            try:
+                resp = self.session.request(method, self._url(path), json=json_body, params=params,
+                                            headers=headers, timeout=self.timeout, allow_redirects=False)
+            except requests.exceptions.RequestException as exc:
+                never_sent = _never_connected(exc)
+                if (safe or never_sent) and retries["conn"] < self.retry.max_retries_connection:
+                    self.retry.sleep(self.retry.delay(attempt))
+                    retries["conn"] += 1
+                    attempt += 1
+                    continue
+                if not safe and not never_sent:
+                    raise TaskFateUnknownError(
+                        f"{context or 'request'}: the connection failed after the request may have reached the "
+                        f"service ({type(exc).__name__}). The task may exist and be billed; it was not re-sent. "
+                        "Check your ledger or the console before submitting again.") from None
+                raise SkinlabConnectionError(
+                    f"{context or 'request'}: cannot reach {self.base_url} ({type(exc).__name__}). Check the "
+                    "network, or work offline with skinlab.Client.local().") from None
+            self._note_backend(resp)
+            status = resp.status_code
+            if status == 429 and retries["429"] < self.retry.max_retries_429:
+                self.retry.sleep(self.retry.delay(retries["429"]))
+                retries["429"] += 1
+                continue
+            if status >= 500 and safe and retries["5xx"] < self.retry.max_retries_5xx:
+                self.retry.sleep(self.retry.delay(retries["5xx"] + 1))
+                retries["5xx"] += 1
+                continue
+            if status >= 500 and not safe:
+                raise TaskFateUnknownError(
+                    f"{context or 'request'}: the service answered HTTP {status} to a task creation; the task may "
+                    "exist and be billed, so it was not re-sent. Check your ledger or the console before "
+                    "submitting again.", status=status, request_id=_request_id(resp))
+            if status >= 300:
+                raise error_from_response(resp, context=context)
+            body = _json_body(resp)
+            if body is None:
+                raise errors.ResultFormatError(
+                    f"{context or 'request'}: expected JSON from {urlsplit(resp.url).path}, got "
+                    f"{resp.headers.get('Content-Type', 'no content type')}: {resp.text[:120]!r}",
+                    status=status, request_id=_request_id(resp))
+            return body, resp
+
+    def _note_backend(self, resp: requests.Response) -> None:
+        engine = resp.headers.get("x-skinlab-engine")
+        if resp.headers.get("x-skinlab-backend") == "local":
+            self.backend = "local"
+            self.engine = f"skinlab-local {engine}" if engine else "skinlab-local"
+        elif self.engine is None:
+            self.engine = f"youcam-skin-analysis {self.api_version}"
+
+    def _storage(self, method: str, url: str, *, data: bytes | None = None, headers: Mapping[str, str] | None = None,
+                 timeout: Any = None, stream: bool = False) -> requests.Response:
+        """A storage call (no Authorization), retried as a safe call."""
+        attempt = 0
+        while True:
+            try:
+                resp = self.session.request(method, url, data=data, headers=dict(headers or {}),
+                                            timeout=timeout or self.timeout, stream=stream, allow_redirects=True)
+            except requests.exceptions.RequestException as exc:
+                if attempt < self.retry.max_retries_connection:
+                    self.retry.sleep(self.retry.delay(attempt))
+                    attempt += 1
+                    continue
+                raise SkinlabConnectionError(f"storage {method} failed: {type(exc).__name__}") from None
+            if (resp.status_code == 429 or resp.status_code >= 500) and attempt < self.retry.max_retries_5xx:
+                self.retry.sleep(self.retry.delay(attempt))
+                attempt += 1
+                continue
+            return resp
+
+    # ---- public API
+
+    def upload(self, image, *, tier: str = "sd", downscale: bool = False, file_name: str | None = None,
+               prepared: PreparedImage | None = None) -> str:
+        """Run pre-flight, reserve an upload slot and PUT the bytes; return the ``file_id``.
+
+        ``file_name`` is what the service sees (default: a neutral name from the image hash, so
+        personal file names never leave the machine).
+        """
+        prep = prepared or prepare_image(image, tier=tier, downscale=downscale)
+        name = file_name or prep.upload_name
+        body = {"files": [{"content_type": prep.content_type, "file_name": name, "file_size": prep.size}]}
+        payload, _ = self._api("POST", self.upload_path, json_body=body, context="upload slot")
+        try:
+            slot = payload["files"][0]
+            file_id = slot["file_id"]
+            req = slot["requests"][0]
+        except (KeyError, IndexError, TypeError):
+            raise errors.ResultFormatError("upload slot: the answer has no files[0].file_id/requests[0]") from None
+        headers = _header_dict(req.get("headers"))
+        headers.pop("Authorization", None)
+        resp = self._storage(req.get("method", "PUT"), req["url"], data=prep.data, headers=headers,
+                             timeout=(self.timeout[0], self.put_timeout))
+        if resp.status_code != 200:
+            raise UploadError(f"The image upload failed with HTTP {resp.status_code} ({_s3_code(resp)}); "
+                              "no task was created.", status=resp.status_code, code=_s3_code(resp))
+        return file_id
+
+    def submit(self, source, actions, *, format: str = "zip", mask_overlay: bool = False,
+               miniserver_args: Mapping[str, Any] | None = None, downscale: bool = False,
+               file_name: str | None = None, pf_camera_kit: bool | None = None) -> Task:
+        """Create an analysis task and return its :class:`Task` at once.
+
+        Parameters
+        ----------
+        source : path, bytes, binary file, PIL image, http(s) URL or file id
+            A URL is sent as ``src_file_url``; a string that is neither an existing path nor a
+            URL and looks like a file id is sent as ``src_file_id``; anything else is uploaded.
+        actions : list of str or comma-separated str
+            Action names (all HD or all SD). Checked before any network call.
+        format : {"zip", "json"}
+        mask_overlay : bool
+            Masks blended over the photo (JPEG) instead of transparent PNGs.
+        miniserver_args : dict, optional
+            Further options (§4.3); unknown keys are errors.
+        """
+        validated = validate_actions(actions)
+        fmt = validate_format(format)
+        margs = validate_miniserver_args(miniserver_args)
+        if mask_overlay:
+            margs["enable_mask_overlay"] = True
+        if pf_camera_kit is not None and self.api_version != "v2.1":
+            raise InvalidParametersError("pf_camera_kit exists only on the v2.1 API; create the client with "
+                                         "api_version='v2.1'.")
+        src = classify_source(source)
+        body: dict[str, Any] = {}
+        info: dict[str, Any] = {"kind": src[0]}
+        if src[0] == "url":
+            body["src_file_url"] = src[1]
+            info["url"] = src[1]
+        elif src[0] == "file_id":
+            body["src_file_id"] = src[1]
+            info["file_id"] = src[1]
+        else:
+            prep = prepare_image(source, tier=validated.tier, downscale=downscale)
+            for change in prep.changes:
+                log.info("pre-flight: %s", change)
+            body["src_file_id"] = self.upload(None, prepared=prep, file_name=file_name)
+            info.update(sha256=prep.sha256, size=prep.size, width=prep.width, height=prep.height,
+                        name=prep.source_name, changes=list(prep.changes), file_id=body["src_file_id"])
+        body["dst_actions"] = list(validated.names)
+        if margs:
+            body["miniserver_args"] = margs
+        body["format"] = fmt
+        if pf_camera_kit is not None:
+            body["pf_camera_kit"] = bool(pf_camera_kit)
+        payload, _ = self._api("POST", f"/s2s/{self.api_version}/task/skin-analysis", json_body=body, safe=False,
+                               context="create task")
+        try:
+            task_id = payload["task_id"]
+        except (KeyError, TypeError):
+            raise errors.ResultFormatError("create task: the answer has no data.task_id") from None
+        return Task(self, task_id, actions=validated.names, format=fmt, source=info,
+                    units=estimate_units(validated.names))
+
+    def analyze(self, source, actions, *, timeout: float | None = 300.0, **options):
+        """Submit and wait: ``client.analyze(photo, ["wrinkle"])`` returns an AnalysisResult."""
+        return self.submit(source, actions, **options).wait(timeout)
+
+    def task(self, task_id: str, *, api_version: str | None = None, actions: Iterable[str] = (),
+             format: str = "zip") -> Task:
+        """A handle for an existing task id, e.g. to resume waiting after a timeout."""
+        return Task(self, task_id, api_version=api_version, actions=actions, format=format)
+
+    def _poll(self, task_id: str, version: str) -> TaskStatus:
+        if not isinstance(task_id, str) or not task_id:
+            raise InvalidParametersError("task_id must be a non-empty string")
+        payload, resp = self._api("GET", f"/s2s/{version}/task/skin-analysis/{task_id}", context="poll")
+        if not isinstance(payload, dict):
+            raise errors.ResultFormatError("poll: data is not an object")
+        state = payload.get("task_status") or payload.get("status")
+        if state not in ("running", "success", "error"):
+            raise errors.ResultFormatError(f"poll: unknown task_status {state!r}")
+        return TaskStatus(state=state, error=payload.get("error"), message=payload.get("error_message"),
+                          results=payload.get("results"), request_id=_request_id(resp),
+                          backend=self.backend, engine=self.engine)
+
+    def delete_task(self, task_id: str) -> None:
+        """Delete a finished task (§8.4)."""
+        self._api("POST", "/s2s/v2.0/task/delete", json_body={"task_id": task_id}, context="delete task")
+
+    def credits(self) -> list[dict[str, Any]]:
+        """The unit lots of the account (§8.3): dicts with type, amount_dec, expiry."""
+        payload, _ = self._api("GET", "/s2s/v1.0/client/credit", context="credit balance")
+        return list(payload or [])
+
+    def balance(self) -> float:
+        """Total units available (sum of ``amount_dec``)."""
+        return float(sum(float(c.get("amount_dec", c.get("amount", 0)) or 0) for c in self.credits()))
+
+    def feature_cost(self) -> list[dict[str, Any]]:
+        """Every SKU of the feature-cost endpoint, following ``next_token`` pages."""
+        skus: list[dict[str, Any]] = []
+        token = None
+        for _ in range(100):
+            params: dict[str, Any] = {"page_size": 20}
+            if token:
+                params["starting_token"] = token
+            payload, _ = self._api("GET", "/s2s/v2.0/credit/feature-cost", params=params, context="feature cost")
+            skus.extend(payload.get("skus") or [])
+            token = payload.get("next_token")
+            if not token:
+                break
+        return skus
+
+    def estimate(self, actions) -> int:
+        """Units one successful task with these actions costs (no network)."""
+        return estimate_units(validate_actions(actions).names)
+
+    def download(self, url: str, *, max_bytes: int = 200 * 1024 * 1024) -> bytes:
+        """GET a result URL (no Authorization) with a size limit."""
+        resp = self._storage("GET", url, stream=True)
+        if resp.status_code != 200:
+            raise APIError(f"Download failed with HTTP {resp.status_code} ({_s3_code(resp)}). Result URLs expire "
+                           "after 2 h; polling the task again gives fresh ones.", status=resp.status_code,
+                           code=_s3_code(resp))
+        declared = resp.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > max_bytes:
+            resp.close()
+            raise errors.ResultFormatError(f"Download is {int(declared)} bytes, over the {max_bytes}-byte limit.")
+        chunks, total = [], 0
+        for chunk in resp.iter_content(1 << 16):
+            total += len(chunk)
+            if total > max_bytes:
+                resp.close()
+                raise errors.ResultFormatError(f"Download exceeded the {max_bytes}-byte limit.")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _never_connected(exc: BaseException) -> bool:
+    """True when no byte of the request can have reached the server."""
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return True
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        import urllib3.exceptions as u3
+
+        reason = exc.args[0] if exc.args else None
+        inner = getattr(reason, "reason", reason)
+        return isinstance(inner, (u3.NewConnectionError, u3.ConnectTimeoutError))
+    return False
+
+
+def _header_dict(headers: Any) -> dict[str, str]:
+    """Upload headers as an object or a list of {key, value} (§3.3); values as strings."""
+    if isinstance(headers, dict):
+        return {str(k): str(v) for k, v in headers.items()}
+    if isinstance(headers, list):
+        out = {}
+        for item in headers:
+            if isinstance(item, dict) and "key" in item:
+                out[str(item["key"])] = str(item.get("value", ""))
+        return out
+    return {}
+
+
+def _s3_code(resp: requests.Response) -> str:
+    m = re.search(r"<Code>([^<]+)</Code>", resp.text or "")
+    return m.group(1) if m else f"HTTP {resp.status_code}"
+
+
+_FILE_ID = re.compile(r"^[A-Za-z0-9+/=_-]{16,}$")
+
+
+def classify_source(source: Any) -> tuple[str, Any]:
+    """Say how a source is sent: ("url", url), ("file_id", id) or ("upload", source)."""
+    if isinstance(source, str):
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", source):
+            if not source.lower().startswith(("http://", "https://")):
+                raise InvalidParametersError(f"Only http(s) image URLs can be sent, got {source.split(':')[0]}:// "
+                                             "URL. Download the image and pass the file path instead.")
+            return "url", source
+        if not os.path.exists(source) and _FILE_ID.match(source) and not re.search(r"\.(jpe?g|png)$", source, re.I):
+            return "file_id", source
+    return "upload", source
+
+
+# --------------------------------------------------------------------------- choosing a backend
+
+_shared_server = None
+_shared_lock = threading.Lock()
+
+
+def _shared_local_url() -> str:
+    """URL of a process-wide embedded local backend, started on first use and stopped at exit."""
+    global _shared_server
+    with _shared_lock:
+        if _shared_server is None:
+            import atexit
+
+            from . import local
+
+            server = local.LocalServer(task_duration_s=0.0)
+            server.start()
+            atexit.register(server.stop)
+            _shared_server = server
+        return _shared_server.url
+
+
+def has_api_key() -> bool:
+    """True when ``SKINLAB_API_KEY`` or ``YOUCAM_API_KEY`` holds a key."""
+    return bool(normalise_key(os.environ.get("SKINLAB_API_KEY")) or normalise_key(os.environ.get("YOUCAM_API_KEY")))
+
+
+def connect(api_key: str | None = None, *, base_url: str | None = None, local: bool | None = None,
+            **client_kw) -> Client:
+    """A client for the cloud when a key is available, else for the embedded local backend.
+
+    Parameters
+    ----------
+    api_key : str, optional
+        Defaults to ``$SKINLAB_API_KEY`` / ``$YOUCAM_API_KEY``.
+    base_url : str, optional
+        An explicit service or emulator URL; wins over everything else.
+    local : bool, optional
+        Force the local backend (True) or the cloud (False; raises without a key).
+    """
+    if base_url is not None:
+        return Client(api_key, base_url=base_url, **client_kw)
+    use_local = local if local is not None else (normalise_key(api_key) is None and not has_api_key())
+    if use_local:
+        return Client(base_url=_shared_local_url(), **client_kw)
+    return Client(api_key, **client_kw)

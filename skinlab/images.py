@@ -1,0 +1,324 @@
+"""Image pre-flight: what is checked and changed before a photo leaves the machine.
+
+:func:`prepare_image` turns a path, bytes, a binary file object or a PIL image into the exact
+bytes to upload. In order it:
+
+1. reads the bytes in binary (a text-mode file is an error);
+2. identifies the format from the bytes, not the file name: JPEG and PNG pass; HEIC, WebP,
+   GIF, TIFF, BMP, SVG and PDF get an error saying how to convert;
+3. decodes the header to check the pixel size against the tier's minimum short side
+   (480 px SD, 1080 px HD);
+4. applies the EXIF orientation (the image is re-encoded upright);
+5. removes metadata (EXIF with GPS position and camera serial, XMP, IPTC, comments) without
+   touching the pixels where possible;
+6. optionally downscales images whose long side exceeds 2560 px (the service would resize
+   them anyway);
+7. checks the 10 MB limit.
+
+Every change is listed in :attr:`PreparedImage.changes`; nothing is changed silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Union
+
+from .errors import ImageError
+
+__all__ = [
+    "MAX_FILE_BYTES",
+    "MAX_LONG_SIDE",
+    "MIN_SHORT_SIDE",
+    "PreparedImage",
+    "prepare_image",
+    "sniff_format",
+]
+
+#: The service's file-size limit: 10 MB (contract §5.4, check 2).
+MAX_FILE_BYTES = 10 * 1024 * 1024
+#: The service resizes anything longer than this on the long side (§5.4).
+MAX_LONG_SIDE = 2560
+#: Minimum short side per tier (§5.4, check 4).
+MIN_SHORT_SIDE = {"sd": 480, "hd": 1080}
+
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Any]
+
+_CONVERT_HINT = ("Convert it to JPEG or PNG first, e.g. `PIL.Image.open(path).convert('RGB')"
+                 ".save('photo.jpg', quality=95)` (HEIC needs the pillow-heif package).")
+
+
+def sniff_format(data: bytes) -> str:
+    """Name the image format of ``data`` from its first bytes.
+
+    Returns one of ``"jpeg"``, ``"png"``, ``"heic"``, ``"avif"``, ``"webp"``, ``"gif"``,
+    ``"tiff"``, ``"bmp"``, ``"svg"``, ``"pdf"``, ``"empty"`` or ``"unknown"``.
+    """
+    head = bytes(data[:64])
+    if not head:
+        return "empty"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in (b"avif", b"avis"):
+            return "avif"
+        if brand in (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"):
+            return "heic"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "webp"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "gif"
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "tiff"
+    if head.startswith(b"BM"):
+        return "bmp"
+    if head.startswith(b"%PDF"):
+        return "pdf"
+    text = head.lstrip().lower()
+    if text.startswith((b"<?xml", b"<svg")) and b"<svg" in bytes(data[:4096]).lower():
+        return "svg"
+    return "unknown"
+
+
+@dataclass
+class PreparedImage:
+    """The bytes that will be uploaded, and what pre-flight did to get them.
+
+    Attributes
+    ----------
+    data : bytes
+        Exactly the bytes to PUT.
+    content_type : str
+        ``"image/jpeg"`` or ``"image/png"``, from the bytes.
+    width, height : int
+        Pixel size of ``data`` (upright).
+    sha256 : str
+        SHA-256 of ``data``; the ledger identifies sources by it.
+    source_name : str or None
+        The original file name, kept locally; it is not sent to the service.
+    changes : list of str
+        Every change made, in plain words (empty when the bytes are the original).
+    """
+
+    data: bytes
+    content_type: str
+    width: int
+    height: int
+    sha256: str
+    source_name: str | None = None
+    changes: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    @property
+    def extension(self) -> str:
+        return ".png" if self.content_type == "image/png" else ".jpg"
+
+    @property
+    def upload_name(self) -> str:
+        """The neutral file name sent to the service (no personal information)."""
+        return f"{self.sha256[:16]}{self.extension}"
+
+    def to_pil(self):
+        from PIL import Image
+
+        img = Image.open(io.BytesIO(self.data))
+        img.load()
+        return img
+
+    def __repr__(self) -> str:
+        return (f"PreparedImage({self.source_name or 'image'!r}, {self.content_type}, "
+                f"{self.width}x{self.height}, {self.size} bytes, changes={len(self.changes)})")
+
+
+def _read_source(source: ImageSource) -> tuple[bytes, str | None, Any]:
+    """Return (bytes, name, pil_image_or_None)."""
+    try:
+        from PIL import Image
+        if isinstance(source, Image.Image):
+            return b"", getattr(source, "filename", None) or None, source
+    except ImportError:  # pragma: no cover - pillow is a core dependency
+        pass
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source), None, None
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source).expanduser()
+        if isinstance(source, str) and source.startswith(("http://", "https://")):
+            raise ImageError("A URL is not a local image; pass it to Client.submit(), which sends it as src_file_url.")
+        if not path.exists():
+            raise ImageError(f"No such file: {str(path)!r}. Check the path (relative paths start at {os.getcwd()!r}).")
+        if path.is_dir():
+            raise ImageError(f"{str(path)!r} is a folder, not an image. Pass one file, or use analyze_many() for a folder.")
+        return path.read_bytes(), path.name, None
+    if hasattr(source, "read"):
+        if isinstance(source, io.TextIOBase) or "b" not in getattr(source, "mode", "b"):
+            raise ImageError("The file was opened in text mode; open it with open(path, 'rb').")
+        data = source.read()
+        if isinstance(data, str):
+            raise ImageError("The file object returned text; open the image with open(path, 'rb').")
+        name = getattr(source, "name", None)
+        return bytes(data), (Path(name).name if isinstance(name, str) else None), None
+    raise ImageError(
+        f"Cannot read an image from {type(source).__name__}. Pass a path, bytes, a binary file object, "
+        "a PIL image, an http(s) URL or a file id."
+    )
+
+
+_JPEG_KEEP_APP = {0xE0, 0xE2, 0xEE}  # JFIF, ICC profile, Adobe (colour transform)
+
+
+def _strip_jpeg_metadata(data: bytes) -> tuple[bytes, list[str]]:
+    """Remove APPn (except JFIF/ICC/Adobe) and COM segments; pixels untouched."""
+    out = bytearray(data[:2])
+    removed: list[str] = []
+    i = 2
+    n = len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            break
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: copy the rest verbatim
+            break
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            out += data[i:i + 2]
+            i += 2
+            continue
+        (length,) = struct.unpack(">H", data[i + 2:i + 4])
+        segment = data[i:i + 2 + length]
+        if (0xE1 <= marker <= 0xEF and marker not in _JPEG_KEEP_APP) or marker == 0xFE:
+            label = {0xE1: "EXIF/XMP", 0xED: "IPTC", 0xFE: "comment"}.get(marker, f"APP{marker - 0xE0}")
+            removed.append(label)
+        else:
+            out += segment
+        i += 2 + length
+    out += data[i:]
+    return bytes(out), removed
+
+
+_PNG_DROP = {b"eXIf", b"tEXt", b"zTXt", b"iTXt", b"tIME"}
+
+
+def _strip_png_metadata(data: bytes) -> tuple[bytes, list[str]]:
+    out = bytearray(data[:8])
+    removed: list[str] = []
+    i = 8
+    while i + 8 <= len(data):
+        (length,) = struct.unpack(">I", data[i:i + 4])
+        ctype = data[i + 4:i + 8]
+        chunk = data[i:i + 12 + length]
+        if ctype in _PNG_DROP:
+            removed.append(ctype.decode("latin-1"))
+        else:
+            out += chunk
+        i += 12 + length
+        if ctype == b"IEND":
+            break
+    return bytes(out), removed
+
+
+def _encode(img, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        img.convert("RGB").save(buf, format="JPEG", quality=95, subsampling=0)
+    else:
+        img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def prepare_image(source: ImageSource, *, tier: str = "sd", downscale: bool = False,
+                  check_size: bool = True) -> PreparedImage:
+    """Run the pre-flight checks and return the bytes to upload.
+
+    Parameters
+    ----------
+    source : path, bytes, binary file object or PIL.Image.Image
+    tier : {"sd", "hd"}
+        Sets the minimum short side (480 or 1080 px).
+    downscale : bool
+        Allow downscaling an image whose long side exceeds 2560 px to exactly 2560 (what the
+        service would do). Off by default: the original is sent and the service resizes it.
+    check_size : bool
+        Check the tier's minimum short side. Turn off only to test the service's own check.
+
+    Raises
+    ------
+    ImageError
+        For an unreadable source, a format other than JPEG/PNG, a too-small image, or a
+        file over 10 MB. Raised before anything is sent.
+    """
+    from PIL import Image, ImageOps
+
+    data, name, pil = _read_source(source)
+    changes: list[str] = []
+    if pil is not None:
+        has_alpha = "A" in pil.getbands() or (pil.mode == "P" and "transparency" in pil.info)
+        fmt = "png" if has_alpha else "jpeg"
+        data = _encode(pil.convert("RGBA" if has_alpha else "RGB"), fmt)
+        changes.append(f"encoded the in-memory image as {fmt.upper()}" + (" (quality 95)" if fmt == "jpeg" else ""))
+    label = repr(name) if name else "the image"
+    fmt = sniff_format(data)
+    if fmt == "empty":
+        raise ImageError(f"{label} is empty (0 bytes).")
+    if fmt not in ("jpeg", "png"):
+        what = "not an image" if fmt == "unknown" else f"a {fmt.upper()} file"
+        raise ImageError(f"{label} is {what}; the service accepts only JPEG and PNG. {_CONVERT_HINT}")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{label} is too large to decode safely ({exc}).") from None
+    except Exception as exc:
+        raise ImageError(f"{label} looks like {fmt.upper()} but cannot be decoded ({exc}); it may be truncated.") from None
+
+    orientation = img.getexif().get(0x0112, 1)
+    if orientation not in (1, None):
+        img = ImageOps.exif_transpose(img)
+        data = _encode(img, fmt)
+        changes.append(f"rotated upright from EXIF orientation {orientation} and re-encoded as {fmt.upper()}"
+                       + (" (quality 95)" if fmt == "jpeg" else ""))
+    stripper = _strip_jpeg_metadata if fmt == "jpeg" else _strip_png_metadata
+    data, removed = stripper(data)
+    if removed:
+        changes.append(f"removed metadata ({', '.join(sorted(set(removed)))}): GPS position, camera serial "
+                       "and other EXIF fields are not uploaded")
+    width, height = img.size
+    if max(width, height) > MAX_LONG_SIDE and downscale:
+        scale = MAX_LONG_SIDE / max(width, height)
+        size = (MAX_LONG_SIDE, round(height * scale)) if width >= height else (round(width * scale), MAX_LONG_SIDE)
+        img = img.resize(size, Image.LANCZOS)
+        data = _encode(img, fmt)
+        changes.append(f"downscaled from {width}x{height} to {size[0]}x{size[1]} (long side {MAX_LONG_SIDE})")
+        width, height = size
+    tier = tier.lower()
+    if tier not in MIN_SHORT_SIDE:
+        raise ImageError(f"tier must be 'sd' or 'hd', got {tier!r}")
+    if check_size and min(width, height) < MIN_SHORT_SIDE[tier]:
+        need = MIN_SHORT_SIDE[tier]
+        raise ImageError(
+            f"{label} is {width}x{height}; {tier.upper()} analysis needs a short side of at least {need} px. "
+            + ("Use SD actions (480 px minimum) or " if tier == "hd" and min(width, height) >= 480 else "")
+            + "use a larger photo (upscaling does not add detail)."
+        )
+    if len(data) > MAX_FILE_BYTES:
+        hint = (" Pass downscale=True to resize it to a 2560 px long side, or re-encode as JPEG quality 90."
+                if max(width, height) > MAX_LONG_SIDE and not downscale else " Re-encode it as JPEG at quality 90.")
+        raise ImageError(f"{label} is {len(data) / 1e6:.1f} MB; the service accepts at most 10 MB.{hint}")
+    return PreparedImage(
+        data=data,
+        content_type="image/png" if fmt == "png" else "image/jpeg",
+        width=width, height=height,
+        sha256=hashlib.sha256(data).hexdigest(),
+        source_name=name, changes=changes,
+    )
