@@ -93,7 +93,7 @@ def _cmd_analyze(args) -> int:
                 _print(f"   FAILED: {exc}")
                 continue
             _print(f"   task {result.task_id}  backend={result.backend}  engine={result.engine}")
-            table = result.scores.drop(columns=["concern"])
+            table = result.scores.drop(columns=["concern", "backend", "engine"])
             _print(table.to_string(index=False, na_rep="-"))
             if result.overall is not None:
                 _print(f"   overall score: {result.overall:.1f}")

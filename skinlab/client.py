@@ -285,7 +285,7 @@ class Task:
         if self._result is not None:
             return self._result
         deadline = None if timeout is None else time.monotonic() + timeout
-        delays = iter(schedule or self.client.poll_schedule)
+        delays = iter((schedule or self.client.poll_schedule).delays())
         while True:
             status = self.last_status
             if status is None or not status.done:
@@ -441,8 +441,12 @@ class Client:
         return self.base_url + path
 
     def _api(self, method: str, path: str, *, json_body: Any = None, params: Mapping[str, Any] | None = None,
-             safe: bool = True, context: str = "") -> tuple[Any, requests.Response]:
-        """One API-host call with the retry policy; returns (decoded JSON body, response)."""
+             safe: bool = True, context: str = "", raw: bool = False) -> tuple[Any, requests.Response]:
+        """One API-host call with the retry policy; returns (payload, response).
+
+        The payload is the envelope's ``data`` (or ``result``/``results``), or the whole body
+        with ``raw=True``.
+        """
         retries = {"429": 0, "5xx": 0, "conn": 0}
         attempt = 0
         while True:
@@ -492,14 +496,16 @@ class Client:
                     f"{context or 'request'}: expected JSON from {urlsplit(resp.url).path}, got "
                     f"{resp.headers.get('Content-Type', 'no content type')}: {resp.text[:120]!r}",
                     status=status, request_id=_request_id(resp))
-            return body, resp
+            return (body if raw else unwrap(body)), resp
 
     def _note_backend(self, resp: requests.Response) -> None:
-        engine = resp.headers.get("x-skinlab-engine")
+        """Label the instrument from the answer: skinlab's emulator says so in a header."""
         if resp.headers.get("x-skinlab-backend") == "local":
+            engine = resp.headers.get("x-skinlab-engine")
             self.backend = "local"
             self.engine = f"skinlab-local {engine}" if engine else "skinlab-local"
-        elif self.engine is None:
+        else:
+            self.backend = "cloud"
             self.engine = f"youcam-skin-analysis {self.api_version}"
 
     def _storage(self, method: str, url: str, *, data: bytes | None = None, headers: Mapping[str, str] | None = None,
@@ -631,7 +637,7 @@ class Client:
 
     def delete_task(self, task_id: str) -> None:
         """Delete a finished task (§8.4)."""
-        self._api("POST", "/s2s/v2.0/task/delete", json_body={"task_id": task_id}, context="delete task")
+        self._api("POST", "/s2s/v2.0/task/delete", json_body={"task_id": task_id}, context="delete task", raw=True)
 
     def credits(self) -> list[dict[str, Any]]:
         """The unit lots of the account (§8.3): dicts with type, amount_dec, expiry."""

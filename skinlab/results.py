@@ -26,7 +26,7 @@ from .errors import ResultFormatError
 __all__ = ["AnalysisResult", "ScoreEntry", "SCORE_COLUMNS", "read_zip", "parse_json_output", "parse_score_info"]
 
 #: Columns of :attr:`AnalysisResult.scores`, in order.
-SCORE_COLUMNS = ["action", "concern", "region", "raw_score", "ui_score", "skin_type"]
+SCORE_COLUMNS = ["action", "concern", "region", "raw_score", "ui_score", "skin_type", "backend", "engine"]
 
 MAX_ZIP_BYTES = 200 * 1024 * 1024
 MAX_ZIP_ENTRIES = 200
@@ -266,8 +266,9 @@ class AnalysisResult:
     def scores(self):
         """One tidy DataFrame: a row per action x region, in catalogue order.
 
-        Columns: action, concern, region, raw_score, ui_score, skin_type (see
-        :data:`SCORE_COLUMNS`), plus backend and engine as attributes in ``df.attrs``.
+        Columns (see :data:`SCORE_COLUMNS`): action, concern, region, raw_score, ui_score,
+        skin_type, and backend and engine on every row, so local-engine and cloud scores are never
+        pooled unnoticed.
         """
         import pandas as pd
 
@@ -279,7 +280,8 @@ class AnalysisResult:
             return (order.get(e.action, 999), region_i, e.region)
 
         rows = [{"action": e.action, "concern": CATALOGUE[e.action].concern if e.action in CATALOGUE else e.action,
-                 "region": e.region, "raw_score": e.raw_score, "ui_score": e.ui_score, "skin_type": e.skin_type}
+                 "region": e.region, "raw_score": e.raw_score, "ui_score": e.ui_score, "skin_type": e.skin_type,
+                 "backend": self.backend, "engine": self.engine}
                 for e in sorted(self.entries, key=key)]
         df = pd.DataFrame(rows, columns=SCORE_COLUMNS)
         df["raw_score"] = df["raw_score"].astype("float64")
