@@ -1,0 +1,81 @@
+"""Static checks of the project files: environment.yml agrees with pyproject.toml, CI runs the README's command."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _pyproject():
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def _env_pip_lines():
+    lines, inside = [], False
+    for raw in (REPO / "environment.yml").read_text().splitlines():
+        line = raw.split("#")[0].rstrip()
+        if re.match(r"^\s*-\s*pip:\s*$", line):
+            inside = True
+            continue
+        if inside:
+            m = re.match(r"^\s{4,}-\s*(.+)$", line)
+            if m:
+                lines.append(m.group(1).strip())
+            elif line.strip():
+                inside = False
+    return lines
+
+
+def _name(req: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", req, maxsplit=1)[0].lower()
+
+
+def test_environment_yml_matches_pyproject():
+    project = _pyproject()["project"]
+    pip = _env_pip_lines()
+    wanted = project["dependencies"] + project["optional-dependencies"]["local"] + \
+        project["optional-dependencies"]["notebook"]
+    by_name = {_name(p): p for p in pip if not p.startswith("-")}
+    for req in wanted:
+        assert _name(req) in by_name, f"{req} is in pyproject.toml but not under pip: in environment.yml"
+        assert by_name[_name(req)].replace(" ", "") == req.replace(" ", ""), f"{req} differs in environment.yml"
+    extra = set(by_name) - {_name(r) for r in wanted}
+    assert not extra, f"environment.yml lists packages pyproject.toml does not: {extra}"
+    assert any(p.startswith("-e .") for p in pip), "environment.yml must install the package itself"
+    conda = (REPO / "environment.yml").read_text().split("- pip:")[0]
+    assert "python" in conda and re.search(r"^\s*-\s*pip\s*$", conda, re.M)
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- test-command -->", 1)[1].split("```")[1]
+    command = block.split("\n", 1)[1].strip()
+    assert "pytest" in command and "[test]" in command
+    out = subprocess.run(["awk", r'/<!-- test-command -->/{f=1; next} f && /^```/{n++; if (n==2) exit; next} '
+                          r'f && n==1 {print}', "README.md"], cwd=REPO, capture_output=True, text=True).stdout
+    assert out.strip() == command
+    assert "README.md" in (REPO / ".ci" / "run").read_text()
+
+
+def test_readme_main_job_uses_local_extra_and_sample():
+    readme = (REPO / "README.md").read_text()
+    assert re.search(r'pip install -e "\.\[local\]" && \.venv/bin/skinlab analyze --sample astronaut', readme)
+
+
+def test_core_dependencies_are_the_light_ones():
+    deps = {_name(d) for d in _pyproject()["project"]["dependencies"]}
+    assert deps == {"requests", "numpy", "pillow", "pandas", "tqdm"}
+
+
+def test_import_is_light():
+    code = ("import sys, skinlab; heavy = [m for m in ('requests', 'pandas', 'numpy', 'PIL', 'skimage', 'scipy') "
+            "if m in sys.modules]; print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"import skinlab pulled in {out}"
