@@ -24,7 +24,7 @@ import re
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 from urllib.parse import urlsplit
 
@@ -39,7 +39,7 @@ from .errors import (
 )
 from .images import PreparedImage, prepare_image
 
-__all__ = ["Client", "Task", "TaskStatus", "RetryPolicy", "PollSchedule", "RateLimiter", "DEFAULT_BASE_URL"]
+__all__ = ["Client", "SubmissionPlan", "Task", "TaskStatus", "RetryPolicy", "PollSchedule", "RateLimiter", "DEFAULT_BASE_URL"]
 
 log = logging.getLogger("skinlab")
 
@@ -220,6 +220,65 @@ def error_from_response(resp: requests.Response, *, context: str = "") -> APIErr
 
 
 # --------------------------------------------------------------------------- tasks
+
+
+@dataclass
+class SubmissionPlan:
+    """A validated, pre-flighted submission, before (and after) its network calls.
+
+    :meth:`Client.plan` makes one without any network call; :meth:`Client.upload_plan` and
+    :meth:`Client.create` carry it out. The ledger records it between the steps.
+    """
+
+    kind: str  # "upload", "url" or "file_id"
+    actions: tuple[str, ...]
+    tier: str
+    format: str = "zip"
+    miniserver_args: dict[str, Any] = field(default_factory=dict)
+    pf_camera_kit: bool | None = None
+    file_name: str | None = None
+    units: int = 0
+    prepared: PreparedImage | None = None
+    url: str | None = None
+    file_id: str | None = None
+
+    @property
+    def source_key(self) -> str:
+        """Identity of the source: the SHA-256 of the bytes sent, the URL, or the file id."""
+        if self.prepared is not None:
+            return f"sha256:{self.prepared.sha256}"
+        if self.url is not None:
+            return f"url:{self.url}"
+        return f"file_id:{self.file_id}"
+
+    def body(self) -> dict[str, Any]:
+        """The create-task JSON body (§4.1)."""
+        body: dict[str, Any] = {}
+        if self.url is not None:
+            body["src_file_url"] = self.url
+        else:
+            body["src_file_id"] = self.file_id
+        body["dst_actions"] = list(self.actions)
+        if self.miniserver_args:
+            body["miniserver_args"] = dict(self.miniserver_args)
+        body["format"] = self.format
+        if self.pf_camera_kit is not None:
+            body["pf_camera_kit"] = bool(self.pf_camera_kit)
+        return body
+
+    def source_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"kind": self.kind, "key": self.source_key}
+        if self.url is not None:
+            info["url"] = self.url
+        if self.file_id is not None:
+            info["file_id"] = self.file_id
+        p = self.prepared
+        if p is not None:
+            info.update(sha256=p.sha256, size=p.size, width=p.width, height=p.height, name=p.source_name,
+                        changes=list(p.changes))
+        return info
+
+
 
 
 @dataclass
@@ -556,6 +615,52 @@ class Client:
                               "no task was created.", status=resp.status_code, code=_s3_code(resp))
         return file_id
 
+    def plan(self, source, actions, *, format: str = "zip", mask_overlay: bool = False,
+             miniserver_args: Mapping[str, Any] | None = None, downscale: bool = False,
+             file_name: str | None = None, pf_camera_kit: bool | None = None) -> "SubmissionPlan":
+        """Validate everything and run pre-flight, with no network call; see :meth:`submit`."""
+        validated = validate_actions(actions)
+        fmt = validate_format(format)
+        margs = validate_miniserver_args(miniserver_args)
+        if mask_overlay:
+            margs["enable_mask_overlay"] = True
+        if pf_camera_kit is not None and self.api_version != "v2.1":
+            raise InvalidParametersError("pf_camera_kit exists only on the v2.1 API; create the client with "
+                                         "api_version='v2.1'.")
+        kind, value = classify_source(source)
+        plan = SubmissionPlan(kind=kind, actions=validated.names, tier=validated.tier, format=fmt,
+                              miniserver_args=margs, pf_camera_kit=pf_camera_kit, file_name=file_name,
+                              units=estimate_units(validated.names))
+        if kind == "url":
+            plan.url = value
+        elif kind == "file_id":
+            plan.file_id = value
+        else:
+            plan.prepared = prepare_image(source, tier=validated.tier, downscale=downscale)
+            for change in plan.prepared.changes:
+                log.info("pre-flight: %s", change)
+        return plan
+
+    def upload_plan(self, plan: "SubmissionPlan") -> str:
+        """Upload the plan's prepared image (if any, and not yet uploaded); return the file id."""
+        if plan.file_id is None and plan.prepared is not None:
+            plan.file_id = self.upload(None, prepared=plan.prepared, file_name=plan.file_name)
+        if plan.file_id is None and plan.url is None:  # pragma: no cover - plan() guarantees one source
+            raise InvalidParametersError("The plan has no source")
+        return plan.file_id or ""
+
+    def create(self, plan: "SubmissionPlan") -> Task:
+        """Create the task of an uploaded plan (billed if it succeeds; never retried if its fate is unknown)."""
+        self.upload_plan(plan)
+        payload, _ = self._api("POST", f"/s2s/{self.api_version}/task/skin-analysis", json_body=plan.body(),
+                               safe=False, context="create task")
+        try:
+            task_id = payload["task_id"]
+        except (KeyError, TypeError):
+            raise errors.ResultFormatError("create task: the answer has no data.task_id") from None
+        return Task(self, task_id, actions=plan.actions, format=plan.format, source=plan.source_info(),
+                    units=plan.units)
+
     def submit(self, source, actions, *, format: str = "zip", mask_overlay: bool = False,
                miniserver_args: Mapping[str, Any] | None = None, downscale: bool = False,
                file_name: str | None = None, pf_camera_kit: bool | None = None) -> Task:
@@ -573,45 +678,17 @@ class Client:
             Masks blended over the photo (JPEG) instead of transparent PNGs.
         miniserver_args : dict, optional
             Further options (§4.3); unknown keys are errors.
+        downscale : bool
+            Allow downscaling images over 2560 px before upload.
+        file_name : str, optional
+            The name the service sees (default: neutral, from the image hash).
+        pf_camera_kit : bool, optional
+            v2.1 only.
         """
-        validated = validate_actions(actions)
-        fmt = validate_format(format)
-        margs = validate_miniserver_args(miniserver_args)
-        if mask_overlay:
-            margs["enable_mask_overlay"] = True
-        if pf_camera_kit is not None and self.api_version != "v2.1":
-            raise InvalidParametersError("pf_camera_kit exists only on the v2.1 API; create the client with "
-                                         "api_version='v2.1'.")
-        src = classify_source(source)
-        body: dict[str, Any] = {}
-        info: dict[str, Any] = {"kind": src[0]}
-        if src[0] == "url":
-            body["src_file_url"] = src[1]
-            info["url"] = src[1]
-        elif src[0] == "file_id":
-            body["src_file_id"] = src[1]
-            info["file_id"] = src[1]
-        else:
-            prep = prepare_image(source, tier=validated.tier, downscale=downscale)
-            for change in prep.changes:
-                log.info("pre-flight: %s", change)
-            body["src_file_id"] = self.upload(None, prepared=prep, file_name=file_name)
-            info.update(sha256=prep.sha256, size=prep.size, width=prep.width, height=prep.height,
-                        name=prep.source_name, changes=list(prep.changes), file_id=body["src_file_id"])
-        body["dst_actions"] = list(validated.names)
-        if margs:
-            body["miniserver_args"] = margs
-        body["format"] = fmt
-        if pf_camera_kit is not None:
-            body["pf_camera_kit"] = bool(pf_camera_kit)
-        payload, _ = self._api("POST", f"/s2s/{self.api_version}/task/skin-analysis", json_body=body, safe=False,
-                               context="create task")
-        try:
-            task_id = payload["task_id"]
-        except (KeyError, TypeError):
-            raise errors.ResultFormatError("create task: the answer has no data.task_id") from None
-        return Task(self, task_id, actions=validated.names, format=fmt, source=info,
-                    units=estimate_units(validated.names))
+        plan = self.plan(source, actions, format=format, mask_overlay=mask_overlay,
+                         miniserver_args=miniserver_args, downscale=downscale, file_name=file_name,
+                         pf_camera_kit=pf_camera_kit)
+        return self.create(plan)
 
     def analyze(self, source, actions, *, timeout: float | None = 300.0, **options):
         """Submit and wait: ``client.analyze(photo, ["wrinkle"])`` returns an AnalysisResult."""
