@@ -48,6 +48,8 @@ class _RequestHandler(WSGIRequestHandler):
 
     def get_environ(self) -> dict:
         environ = super().get_environ()
+        if self.headers.get("content-type") is None:
+            environ["CONTENT_TYPE"] = ""  # wsgiref would invent "text/plain"
         environ["skinlab.connection"] = self.connection  # lets fault injection drop the connection
         return environ
 
@@ -168,6 +170,14 @@ class LocalServer:
             self._httpd.serve_forever(poll_interval=0.2)
         finally:
             self._close()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the server stops (or ``timeout`` seconds pass); True once it has stopped."""
+        thread = self._thread
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
 
     def stop(self) -> None:
         """Stop serving and release the port and the worker threads."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, MutableMapping, Sequence
 
 import numpy as np
 
@@ -75,7 +75,7 @@ def _background(action: Action, args: Mapping[str, Any]) -> tuple[tuple[int, int
 
 def build_results(names: Sequence[str], analysis: Any, image: np.ndarray, *, task_id: str,
                   miniserver_args: Mapping[str, Any], ui_score: Callable[[float], int],
-                  render_masks: bool = True) -> TaskResults:
+                  render_masks: bool = True, cache: MutableMapping[Any, bytes] | None = None) -> TaskResults:
     """Build the results of one task.
 
     Parameters
@@ -87,6 +87,7 @@ def build_results(names: Sequence[str], analysis: Any, image: np.ndarray, *, tas
     miniserver_args : the validated ``miniserver_args`` (overlay, dark backgrounds).
     ui_score : the engine's raw → ui mapping.
     render_masks : False skips the pixel work (files stays empty).
+    cache : rendered files by (file name, background), shared by tasks on the same analysis.
     """
     overlay = miniserver_args.get("enable_mask_overlay") is True
     height, width = image.shape[:2]
@@ -121,11 +122,15 @@ def build_results(names: Sequence[str], analysis: Any, image: np.ndarray, *, tas
             entry["url"] = None
             entries.append(entry)
             if render_masks:
-                mask = measured.masks.get(region)
-                alpha = mask.full((height, width)) if mask is not None else np.zeros((height, width), np.uint8)
-                files.append((mask_name, encode_mask(
-                    alpha, CONCERN_COLOURS[action.concern], background=background,
-                    overlay_on=image if overlay else None)))
+                blob = cache.get((mask_name, background)) if cache is not None else None
+                if blob is None:
+                    mask = measured.masks.get(region)
+                    alpha = mask.full((height, width)) if mask is not None else np.zeros((height, width), np.uint8)
+                    blob = encode_mask(alpha, CONCERN_COLOURS[action.concern], background=background,
+                                       overlay_on=image if overlay else None)
+                    if cache is not None:
+                        cache[(mask_name, background)] = blob
+                files.append((mask_name, blob))
         nested = action.concern == "skin_type" or (action.is_hd and (len(regions) > 1 or name in _NESTED_SINGLE))
         info[name] = per_region if nested else per_region["whole"]
 
@@ -139,5 +144,10 @@ def build_results(names: Sequence[str], analysis: Any, image: np.ndarray, *, tas
     info["skin_age"] = skin_age
     info["resize_image"] = {"image_name": RESIZE_IMAGE}
     if render_masks:
-        files.append((RESIZE_IMAGE, encode_jpeg(image)))
+        blob = cache.get((RESIZE_IMAGE, None)) if cache is not None else None
+        if blob is None:
+            blob = encode_jpeg(image)
+            if cache is not None:
+                cache[(RESIZE_IMAGE, None)] = blob
+        files.append((RESIZE_IMAGE, blob))
     return TaskResults(entries=entries, score_info=info, files=files)

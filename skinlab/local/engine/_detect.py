@@ -1,0 +1,188 @@
+"""Face detection (scikit-image's bundled LBP frontal-face cascade) and the image checks."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from PIL import Image
+
+from ._types import Face, FaceCheck, GateConfig
+
+__all__ = ["detect_faces", "check_image", "as_rgb", "srgb_to_linear", "lightness"]
+
+_CASCADE = None
+_LOCK = threading.Lock()
+
+
+def _cascade():
+    global _CASCADE
+    if _CASCADE is None:
+        from skimage.data import lbp_frontal_face_cascade_filename
+        from skimage.feature import Cascade
+
+        _CASCADE = Cascade(lbp_frontal_face_cascade_filename())
+    return _CASCADE
+
+
+def as_rgb(rgb) -> np.ndarray:
+    """Validate an image: HxWx3 uint8 (an alpha channel is dropped)."""
+    a = np.asarray(rgb)
+    if a.ndim != 3 or a.shape[2] not in (3, 4):
+        raise ValueError(f"expected an HxWx3 RGB image, got shape {a.shape}")
+    if a.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels, got {a.dtype}")
+    if a.shape[0] < 16 or a.shape[1] < 16:
+        raise ValueError(f"image too small: {a.shape[1]}x{a.shape[0]}")
+    return a[..., :3]
+
+
+def srgb_to_linear(v: np.ndarray) -> np.ndarray:
+    """sRGB in [0, 1] -> linear light (IEC 61966-2-1)."""
+    v = np.asarray(v, np.float32)
+    return np.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4)
+
+
+def lightness(rgb_u8: np.ndarray) -> np.ndarray:
+    """CIELAB L* (D65) of uint8 sRGB pixels."""
+    lin = srgb_to_linear(rgb_u8.astype(np.float32) / 255.0)
+    y = lin[..., 0] * 0.2126729 + lin[..., 1] * 0.7151522 + lin[..., 2] * 0.0721750
+    f = np.where(y > 216 / 24389, np.cbrt(y), (24389 / 27 * y + 16) / 116)
+    return 116 * f - 16
+
+
+def _downscale(rgb: np.ndarray, long_side: int) -> tuple[np.ndarray, float]:
+    h, w = rgb.shape[:2]
+    s = min(1.0, long_side / max(h, w))
+    if s >= 1.0:
+        return rgb, 1.0
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    small = np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
+    return small, size[0] / w
+
+
+def _group(boxes: np.ndarray, overlap: float = 0.5, max_ratio: float = 1.6) -> list[np.ndarray]:
+    """Merge raw cascade windows (rows: r, c, w, h) into clusters: two windows join when
+    their intersection covers >= ``overlap`` of the smaller one and their sizes differ by at
+    most ``max_ratio``. Returns the member arrays, largest cluster first."""
+    n = len(boxes)
+    if n == 0:
+        return []
+    r, c, w, h = boxes.T
+    iw = np.clip(np.minimum(c[:, None] + w[:, None], c + w) - np.maximum(c[:, None], c), 0, None)
+    ih = np.clip(np.minimum(r[:, None] + h[:, None], r + h) - np.maximum(r[:, None], r), 0, None)
+    area = w * h
+    link = (iw * ih >= overlap * np.minimum(area[:, None], area)) & (
+        np.maximum(w[:, None], w) <= max_ratio * np.minimum(w[:, None], w))
+    label = -np.ones(n, int)
+    k = 0
+    for i in np.argsort(-w, kind="stable"):
+        if label[i] >= 0:
+            continue
+        label[i] = k
+        stack = [i]
+        while stack:
+            j = stack.pop()
+            new = np.flatnonzero(link[j] & (label < 0))
+            label[new] = k
+            stack.extend(new.tolist())
+        k += 1
+    groups = [boxes[label == g] for g in range(k)]
+    groups.sort(key=lambda m: (-len(m), -np.median(m[:, 2])))
+    return groups
+
+
+def _detect(rgb: np.ndarray, cfg: GateConfig) -> tuple[list[Face], dict]:
+    small, s = _downscale(rgb, cfg.detect_long_side)
+    grey = lightness(small) / 100.0
+    hs, ws = grey.shape
+    min_px = int(min(cfg.min_face_px, 0.9 * min(hs, ws)))
+    max_px = int(min(hs, ws))
+    if min_px < 24:
+        return [], {"raw_windows": 0, "detect_scale": s}
+    with _LOCK:
+        raw = _cascade().detect_multi_scale(
+            grey, scale_factor=cfg.scale_factor, step_ratio=1, min_size=(min_px, min_px),
+            max_size=(max_px, max_px), min_neighbor_number=1, intersection_score_threshold=2.0)
+    boxes = np.array([[d["r"], d["c"], d["width"], d["height"]] for d in raw], float).reshape(-1, 4)
+    groups = _group(boxes)
+    faces: list[Face] = []
+    best = max((len(g) for g in groups), default=0)
+    need = max(cfg.min_neighbors, cfg.relative_min_neighbors * best)
+    for g in groups:
+        if len(g) < need:
+            continue
+        r, c, w, h = np.median(g, axis=0)
+        cy, cx = r + h / 2, c + w / 2
+        # a cluster centred inside an accepted, larger face is a part of it (eyes, mouth)
+        if any(f.top * s <= cy <= f.bottom * s and f.left * s <= cx <= f.right * s
+               and f.width * s > w for f in faces):
+            continue
+        faces.append(Face(top=int(round(r / s)), left=int(round(c / s)), height=int(round(h / s)),
+                          width=int(round(w / s)), score=float(len(g))))
+    faces.sort(key=lambda f: (-f.width, -f.score))
+    return faces, {"raw_windows": int(len(boxes)), "detect_scale": float(s)}
+
+
+def detect_faces(rgb, *, config: GateConfig | None = None) -> list[Face]:
+    """Faces in an upright HxWx3 uint8 RGB image, largest first."""
+    return _detect(as_rgb(rgb), config or GateConfig())[0]
+
+
+def _skin_lightness(rgb: np.ndarray, face: Face) -> float:
+    """Median L* of the central face (cheeks, nose, mouth band of the box), measured on a copy
+    of at most 128 px across the face."""
+    t = face.top + int(0.45 * face.height)
+    b = face.top + int(0.85 * face.height)
+    l_ = face.left + int(0.2 * face.width)
+    r = face.left + int(0.8 * face.width)
+    sub = rgb[max(t, 0):max(b, 0), max(l_, 0):max(r, 0)]
+    if sub.size == 0:
+        return float("nan")
+    step = max(1, sub.shape[1] // 128)
+    return float(np.median(lightness(sub[::step, ::step])))
+
+
+def check_image(rgb, *, config: GateConfig | None = None) -> FaceCheck:
+    """Contract §5.4 checks 6..11 in order; the first failure is the result.
+
+    6 no face -> ``error_no_face``; 7 largest face width / image width below
+    ``min_face_width_fraction`` -> ``error_src_face_too_small``; 8 the face extended to the
+    hairline and chin leaves the frame -> ``error_src_face_out_of_bound``; 9 median skin L*
+    below ``dark_threshold_l`` -> ``error_lighting_dark``; 10 a second face at least
+    ``second_face_min_ratio`` as wide -> ``error_multiple_people``; 11 head angle: not
+    measurable with a box detector, never returned (needs landmarks).
+    """
+    cfg = config or GateConfig()
+    rgb = as_rgb(rgb)
+    H, W = rgb.shape[:2]
+    faces, det = _detect(rgb, cfg)
+    details: dict = {"image_height": H, "image_width": W, **det, "n_faces": len(faces),
+                     "head_angle_checked": False}
+    if not faces:
+        return FaceCheck("error_no_face", [], None, details)
+    f = faces[0]
+    frac = f.width / W
+    details["face_width_fraction"] = frac
+    details["min_face_width_fraction"] = cfg.min_face_width_fraction
+    if frac < cfg.min_face_width_fraction:
+        return FaceCheck("error_src_face_too_small", faces, frac, details)
+    top = f.top - cfg.forehead_extension * f.height
+    bottom = f.bottom + cfg.chin_extension * f.height
+    left = f.left - cfg.side_extension * f.width
+    right = f.right + cfg.side_extension * f.width
+    overflow = max(0.0, -top, bottom - H, -left, right - W) / f.height
+    details["out_of_bound_fraction"] = overflow
+    if overflow > cfg.out_of_bound_tolerance:
+        return FaceCheck("error_src_face_out_of_bound", faces, frac, details)
+    skin_l = _skin_lightness(rgb, f)
+    details["skin_l_median"] = skin_l
+    details["dark_threshold_l"] = cfg.dark_threshold_l
+    if not skin_l >= cfg.dark_threshold_l:
+        return FaceCheck("error_lighting_dark", faces, frac, details)
+    if len(faces) > 1:
+        ratio = faces[1].width / f.width
+        details["second_face_ratio"] = ratio
+        if ratio >= cfg.second_face_min_ratio:
+            return FaceCheck("error_multiple_people", faces, frac, details)
+    return FaceCheck(None, faces, frac, details)

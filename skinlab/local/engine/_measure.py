@@ -1,0 +1,743 @@
+"""Per-concern measurements. Each function takes a :class:`Context` and returns a
+:class:`ConcernMeasurement`. All values are measured from the pixels; the score mappings are
+the documented monotone functions :func:`decreasing` / :func:`increasing`."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage as ndi
+from skimage.draw import disk
+from skimage.filters import apply_hysteresis_threshold
+from skimage.measure import label, regionprops_table
+from skimage.morphology import skeletonize
+
+from skinlab.actions import CATALOGUE, SKIN_TYPES
+
+from ._context import IPD_MM, Context, rgb_to_lab, robust_std
+from ._types import ConcernMeasurement
+
+# --------------------------------------------------------------------------------------------
+# score mappings
+
+
+def decreasing(x: float, mid: float, scale: float) -> float:
+    """Logistic mapping for a measurement where more is worse:
+    raw = 1 + 99 / (1 + exp((x - mid) / scale)).
+    Anchors: x = mid -> 50.5; x = mid - 2*scale -> 88.4; x = mid + 2*scale -> 12.6.
+    Strictly decreasing, always inside (1, 100)."""
+    z = max(-60.0, min(60.0, (x - mid) / scale))
+    return 1.0 + 99.0 / (1.0 + math.exp(z))
+
+
+def increasing(x: float, mid: float, scale: float) -> float:
+    """Logistic mapping for a measurement where more is better (mirror of :func:`decreasing`)."""
+    return decreasing(-x, -mid, scale)
+
+
+def _regions_of(concern: str) -> tuple[str, ...]:
+    return CATALOGUE["hd_" + concern].regions
+
+
+def _mean(v: np.ndarray) -> float:
+    return float(v.mean()) if v.size else float("nan")
+
+
+def _median(v: np.ndarray) -> float:
+    return float(np.median(v)) if v.size else float("nan")
+
+
+def _finite(x: float, default: float = 0.0) -> float:
+    return float(x) if x == x and abs(x) != float("inf") else default
+
+
+def _blur(ctx: Context, img: np.ndarray, mm: float) -> np.ndarray:
+    key = ("blur", id(img), round(mm, 3))
+    if key not in ctx.cache:
+        ctx.cache[key] = ndi.gaussian_filter(img, max(0.5, ctx.mm(mm)), mode="nearest")
+    return ctx.cache[key]
+
+
+def _masked_blur(ctx: Context, img: np.ndarray, where: np.ndarray, mm: float) -> np.ndarray:
+    """Normalised convolution: the blur of ``img`` using only the pixels in ``where``."""
+    s = max(0.5, ctx.mm(mm))
+    w = where.astype(np.float32)
+    num = ndi.gaussian_filter(img * w, s, mode="nearest")
+    den = ndi.gaussian_filter(w, s, mode="nearest")
+    return np.where(den > 1e-3, num / np.maximum(den, 1e-3), img)
+
+
+# --------------------------------------------------------------------------------------------
+# shared maps
+
+
+def _highlights(ctx: Context):
+    """Specular highlights (dichromatic model): L* >= 5 above its 3 mm shading and >= 5 above
+    the cheek median, with chroma below 0.8 x the cheek median chroma."""
+    if "highlights" in ctx.cache:
+        return ctx.cache["highlights"]
+    L = ctx.L
+    shading = _masked_blur(ctx, L, ctx.loose_skin, 3.0)
+    C = np.hypot(ctx.a, ctx.b)
+    c_ref = math.hypot(ctx.ref["a"], ctx.ref["b"])
+    lift = L - shading
+    hl = ctx.loose_skin & (lift >= 5.0) & (L >= ctx.ref["L"] + 5.0) & (C < 0.8 * c_ref)
+    strength = np.where(hl, np.clip((lift - 2.0) / 12.0, 0.25, 1.0), 0.0)
+    ctx.cache["highlights"] = (hl, strength)
+    return hl, strength
+
+
+def _hessian(img: np.ndarray, sigma: float):
+    hrr = ndi.gaussian_filter(img, sigma, order=(2, 0), mode="nearest")
+    hcc = ndi.gaussian_filter(img, sigma, order=(0, 2), mode="nearest")
+    hrc = ndi.gaussian_filter(img, sigma, order=(1, 1), mode="nearest")
+    tmp = np.sqrt((hrr - hcc) ** 2 + 4 * hrc ** 2)
+    l1 = (hrr + hcc + tmp) / 2          # largest eigenvalue (across a dark line: positive)
+    l2 = (hrr + hcc - tmp) / 2
+    return l1, l2
+
+
+def _valley(ctx: Context, sigmas_mm: tuple[float, ...], where: np.ndarray, key: str) -> np.ndarray:
+    """Sato-style dark-ridge (valley) response in L* units: max over scales of
+    sigma^2 * (lambda1 - |lambda2|), clipped at 0, computed on the bounding box of ``where``."""
+    if key in ctx.cache:
+        return ctx.cache[key]
+    out = np.zeros_like(ctx.L)
+    rows = np.flatnonzero(where.any(1))
+    cols = np.flatnonzero(where.any(0))
+    if rows.size:
+        pad = int(3 * ctx.mm(max(sigmas_mm))) + 2
+        i0, i1 = max(0, rows[0] - pad), min(out.shape[0], rows[-1] + pad + 1)
+        j0, j1 = max(0, cols[0] - pad), min(out.shape[1], cols[-1] + pad + 1)
+        sub = ctx.L[i0:i1, j0:j1]
+        best = np.zeros_like(sub)
+        for smm in sigmas_mm:
+            s = max(0.8, ctx.mm(smm))
+            l1, l2 = _hessian(sub, s)
+            np.maximum(best, s * s * np.clip(l1 - np.abs(l2), 0, None), out=best)
+        out[i0:i1, j0:j1] = best
+    ctx.cache[key] = out
+    return out
+
+
+def _eroded_skin(ctx: Context, mm: float) -> np.ndarray:
+    key = ("eroded_skin", mm)
+    if key not in ctx.cache:
+        n = max(1, int(round(ctx.mm(mm))))
+        ctx.cache[key] = ndi.binary_erosion(ctx.skin, iterations=n)
+    return ctx.cache[key]
+
+
+# --------------------------------------------------------------------------------------------
+# concerns
+
+METHODS: dict[str, str] = {
+    "wrinkle": "Dark-line (Sato-style Hessian valley) response of L* at 0.35-0.6 mm, hysteresis "
+               "threshold, elongated components >= 2 mm kept; skeleton length per cm2 of skin per region.",
+    "pore": "Dark round blobs (scale-normalised LoG of L*, 0.1-0.5 mm diameters at >= 8 px/mm; a "
+            "coarser >= 0.35 mm proxy below that) deeper than 3 L* below a 1 mm background; count per cm2.",
+    "texture": "Robust std of band-passed L* (0.25-1.5 mm difference of Gaussians) on cheek, forehead "
+               "and chin skin, with the white-noise contribution (Immerkaer estimate) removed.",
+    "acne": "Raised-redness blobs: a* above its 5 mm background by >= 4, 1-5 mm across, roundish, "
+            "on skin away from lips and nostrils; count and area.",
+    "oiliness": "Specular highlight fraction (L* >= 5 above 3 mm shading and the cheek median, low "
+                "chroma) in the T-zone and U-zone, weighted 0.6/0.4.",
+    "radiance": "Mean skin L*, evenness (robust std of L* minus its 5 mm shading) and colour "
+                "uniformity (std of 2 mm-smoothed a*, b*), combined 0.5/0.3/0.2; ITA reported.",
+    "eye_bag": "Vertical L* profile below each lower lid: bulge-to-trough amplitude and trough depth "
+               "below the cheek (shading proxy for puffiness).",
+    "age_spot": "Brown spots: L* >= max(6, 3 noise) below an 8 mm background, b* not below it, "
+                "components 1-8 mm across; area fraction and count.",
+    "dark_circle": "Under-eye band vs upper cheek: delta L* (darkness), with delta a* / delta b* "
+                   "for the type (Roh & Chung 2009).",
+    "droopy_upper_eyelid": "Proxy MRD1: eye centre (dark blob) to the upper edge of the non-skin "
+                           "eye aperture (colour distance from cheek skin), in mm via a 63 mm IPD.",
+    "droopy_lower_eyelid": "Proxy MRD2: eye centre to the lower edge of the eye aperture in mm "
+                           "(larger = lower lid sags), via a 63 mm IPD.",
+    "firmness": "Proxy: depth of the nasolabial/marionette folds (L* valley response at 1.5-2.5 mm) "
+                "and lower-face shading at the jowls.",
+    "moisture": "Proxy: flaking (whitish low-chroma micro-patches, non-specular) and fine-scale "
+                "roughness (0.3 mm high-pass L*, noise removed) on skin.",
+    "redness": "Mean CIELAB a* of cheek, nose, chin and forehead skin (Dawson erythema index and red "
+               "area fraction a* > 18 reported).",
+    "tear_trough": "Depth of the L* groove along the medial under-eye line (inner canthus downwards-"
+                   "outwards) below its flanking bands, and its length.",
+    "skin_type": "Rules over T/U-zone highlight fractions, the moisture proxy and mean a*: Oily / "
+                 "Combination / Dry / Normal, '& Redness' when a* is high.",
+}
+
+PROXY = {"firmness", "moisture", "droopy_upper_eyelid", "droopy_lower_eyelid", "eye_bag",
+         "tear_trough", "skin_type"}
+
+
+def _result(ctx, concern, scores, masks, meas, skin_types=None) -> ConcernMeasurement:
+    return ConcernMeasurement(
+        concern=concern, scores={k: float(min(100.0, max(1.0, v))) for k, v in scores.items()},
+        skin_types=skin_types or {}, masks=masks,
+        measurements={k: _finite(float(v)) for k, v in meas.items()},
+        method=METHODS[concern], proxy=concern in PROXY)
+
+
+def m_redness(ctx: Context) -> ConcernMeasurement:
+    R = ctx.regions
+    area = ctx.skin & (R["cheek"] | R["nose"] | R["chin"] | R["forehead"])
+    if area.sum() < 20:
+        area = ctx.skin
+    a = ctx.a[area]
+    lin = ctx.lin
+    ei = 100 * np.log10(np.maximum(lin[..., 0][area], 1e-4) / np.maximum(lin[..., 1][area], 1e-4))
+    a_mean = _mean(a)
+    red_frac = float((a > 18.0).mean()) if a.size else 0.0
+    raw = decreasing(a_mean, 16.0, 4.0)
+    alpha = np.where(ctx.skin, np.clip((ctx.a - 12.0) / 12.0, 0, 1), 0)
+    meas = {"a_star_mean": a_mean, "a_star_p90": float(np.percentile(a, 90)) if a.size else 0,
+            "erythema_index_mean": _mean(ei), "red_area_fraction_pct": 100 * red_frac,
+            "skin_area_cm2": ctx.area_cm2(area)}
+    return _result(ctx, "redness", {"whole": raw}, {"whole": ctx.to_mask(alpha)}, meas)
+
+
+def m_dark_circle(ctx: Context) -> ConcernMeasurement:
+    R = ctx.regions
+    band = R["under_eye"] & (ctx.L >= ctx.ref["L"] - 30)
+    ref = R["cheek_ref"] & ctx.skin
+    if ref.sum() < 10:
+        ref = ctx.skin
+    dL = _median(ctx.L[ref]) - _median(ctx.L[band])
+    da = _median(ctx.a[band]) - _median(ctx.a[ref])
+    db = _median(ctx.b[band]) - _median(ctx.b[ref])
+    per_side = {}
+    for side in ("l", "r"):
+        bs = R[f"under_eye_{side}"] & band
+        per_side[side] = _median(ctx.L[ref]) - _median(ctx.L[bs]) if bs.any() else dL
+    raw = decreasing(dL, 8.0, 2.5)
+    alpha = np.where(band, np.clip((_median(ctx.L[ref]) - ctx.L - 1.0) / 12.0, 0, 1), 0)
+    meas = {"delta_l_star": dL, "delta_a_star": da, "delta_b_star": db,
+            "delta_l_star_image_left": per_side["l"], "delta_l_star_image_right": per_side["r"],
+            "pigmented_type": float(db > 1.0), "vascular_type": float(da > 1.0)}
+    return _result(ctx, "dark_circle", {"whole": raw}, {"whole": ctx.to_mask(alpha)}, meas)
+
+
+def _shine(ctx: Context):
+    R = ctx.regions
+    hl, strength = _highlights(ctx)
+    t = R["t_zone"] & ctx.loose_skin
+    u = R["u_zone"] & ctx.loose_skin
+    ft = 100 * float(hl[t].mean()) if t.any() else 0.0
+    fu = 100 * float(hl[u].mean()) if u.any() else 0.0
+    return hl, strength, ft, fu
+
+
+def m_oiliness(ctx: Context) -> ConcernMeasurement:
+    hl, strength, ft, fu = _shine(ctx)
+    x = 0.6 * ft + 0.4 * fu
+    raw = decreasing(x, 3.0, 1.2)
+    meas = {"highlight_fraction_t_zone_pct": ft, "highlight_fraction_u_zone_pct": fu,
+            "highlight_index_pct": x}
+    return _result(ctx, "oiliness", {"whole": raw}, {"whole": ctx.to_mask(strength)}, meas)
+
+
+def m_radiance(ctx: Context) -> ConcernMeasurement:
+    R = ctx.regions
+    area = ctx.skin & (R["cheek"] | R["forehead"] | R["nose"] | R["chin"])
+    if area.sum() < 20:
+        area = ctx.skin
+    L = ctx.L
+    l_mean = _mean(L[area])
+    detr = L - _masked_blur(ctx, L, ctx.skin, 5.0)
+    even = robust_std(detr[area])
+    a2 = _masked_blur(ctx, ctx.a, ctx.skin, 2.0)
+    b2 = _masked_blur(ctx, ctx.b, ctx.skin, 2.0)
+    col = math.hypot(robust_std(a2[area]), robust_std(b2[area]))
+    b_mean = _mean(ctx.b[area])
+    ita = math.degrees(math.atan2(l_mean - 50.0, b_mean))
+    raw = (0.5 * increasing(l_mean, 60.0, 6.0) + 0.3 * decreasing(even, 3.5, 1.0)
+           + 0.2 * decreasing(col, 3.0, 1.0))
+    alpha = np.where(area, np.clip((L - (ctx.ref["L"] - 8.0)) / 20.0, 0, 1), 0)
+    meas = {"l_star_mean": l_mean, "l_star_detrended_std": even, "colour_nonuniformity_ab": col,
+            "b_star_mean": b_mean, "ita_deg": ita}
+    return _result(ctx, "radiance", {"whole": raw}, {"whole": ctx.to_mask(alpha)}, meas)
+
+
+def _dog_noise_gain(s1: float, s2: float) -> float:
+    """Std of a difference of Gaussians (s1 < s2, pixels) applied to unit white noise."""
+    return math.sqrt(max(1e-9, 1 / (4 * math.pi * s1 * s1) + 1 / (4 * math.pi * s2 * s2)
+                         - 1 / (math.pi * (s1 * s1 + s2 * s2))))
+
+
+def m_texture(ctx: Context) -> ConcernMeasurement:
+    R = ctx.regions
+    area = ctx.skin & (R["cheek"] | R["forehead"] | R["chin"])
+    if area.sum() < 20:
+        area = ctx.skin
+    area = area & _eroded_skin(ctx, 1.0) if (area & _eroded_skin(ctx, 1.0)).sum() > 20 else area
+    s1 = max(0.7, ctx.mm(0.25)); s2 = max(s1 * 2, ctx.mm(1.5))
+    bp = ndi.gaussian_filter(ctx.L, s1, mode="nearest") - ndi.gaussian_filter(ctx.L, s2, mode="nearest")
+    rough = robust_std(bp[area])
+    noise = ctx.noise_l * _dog_noise_gain(s1, s2)
+    t = math.sqrt(max(rough ** 2 - noise ** 2, 0.0))
+    raw = decreasing(t, 1.6, 0.45)
+    alpha = np.where(area, np.clip((np.abs(bp) - 1.0) / 4.0, 0, 1), 0)
+    meas = {"bandpass_l_star_std": rough, "noise_l_star": ctx.noise_l, "noise_in_band_l_star": noise,
+            "roughness_l_star": t}
+    return _result(ctx, "texture", {"whole": raw}, {"whole": ctx.to_mask(alpha)}, meas)
+
+
+_WRINKLE_REGIONS = {"whole": "face", "forehead": "forehead", "glabellar": "glabellar",
+                    "crowfeet": "crowfeet", "periocular": "periocular", "nasolabial": "nasolabial",
+                    "marionette": "marionette"}
+
+
+def _wrinkle_map(ctx: Context):
+    if "wrinkle_map" in ctx.cache:
+        return ctx.cache["wrinkle_map"]
+    allowed = _eroded_skin(ctx, 0.8)
+    V = _valley(ctx, (0.35, 0.6), ctx.regions["face"], "valley_fine")
+    noise = ctx.noise_l
+    hi = max(2.0, 2.5 * noise)
+    lo = 0.5 * hi
+    cand = apply_hysteresis_threshold(np.where(allowed, V, 0), lo, hi)
+    lab = label(cand, connectivity=2)
+    keep = np.zeros_like(cand)
+    if lab.max() > 0:
+        props = regionprops_table(lab, properties=("label", "major_axis_length", "minor_axis_length"))
+        maj = props["major_axis_length"]; mnr = props["minor_axis_length"]
+        ok = (maj >= ctx.mm(2.0)) & (mnr <= 0.45 * maj)
+        good = np.zeros(lab.max() + 1, bool)
+        good[props["label"][ok]] = True
+        keep = good[lab]
+    skel = skeletonize(keep) if keep.any() else keep
+    ctx.cache["wrinkle_map"] = (V, keep, skel, hi)
+    return ctx.cache["wrinkle_map"]
+
+
+def m_wrinkle(ctx: Context) -> ConcernMeasurement:
+    V, keep, skel, hi = _wrinkle_map(ctx)
+    R = ctx.regions
+    scores, masks, meas = {}, {}, {}
+    alpha = np.where(keep, np.clip(0.35 + V / (3 * hi), 0, 1), 0)
+    for region in _regions_of("wrinkle"):
+        reg = R[_WRINKLE_REGIONS[region]] & ctx.skin
+        area = ctx.area_cm2(reg)
+        length_mm = float(skel[reg].sum()) / ctx.ppmm
+        dens = length_mm / area if area > 0.05 else 0.0
+        depth = _mean(V[keep & reg]) if (keep & reg).any() else 0.0
+        x = dens * (1 + 0.1 * max(0.0, depth - hi))
+        scores[region] = decreasing(x, 8.0, 3.0)
+        masks[region] = ctx.to_mask(np.where(reg, alpha, 0))
+        meas[f"wrinkle_len_mm_per_cm2_{region}"] = dens
+        meas[f"wrinkle_depth_l_star_{region}"] = depth
+        meas[f"skin_area_cm2_{region}"] = area
+    meas["wrinkle_len_mm_per_cm2"] = meas["wrinkle_len_mm_per_cm2_whole"]
+    meas["ridge_threshold_l_star"] = hi
+    return _result(ctx, "wrinkle", scores, masks, meas)
+
+
+_PORE_REGIONS = {"whole": ("forehead", "nose", "cheek"), "forehead": ("forehead",),
+                 "nose": ("nose",), "cheek": ("cheek",)}
+PORE_MIN_PX_PER_MM = 8.0
+PORE_MAX_PX_PER_MM = 10.0
+
+
+def _blobs(L: np.ndarray, where: np.ndarray, ppmm: float, diam_mm: tuple[float, float],
+           min_depth: float):
+    """Dark round blobs: local maxima of sigma^2 * LoG(L*) over space and scale, depth below a
+    1 mm background >= ``min_depth``, Hessian eigenvalue ratio >= 0.3 (round, not a line).
+    Returns rows of (y, x, radius_px, depth)."""
+    smin = max(0.7, diam_mm[0] / (2 * math.sqrt(2)) * ppmm)
+    smax = max(smin * 1.2, diam_mm[1] / (2 * math.sqrt(2)) * ppmm)
+    sig = np.geomspace(smin, smax, 4)
+    stack = np.stack([s * s * ndi.gaussian_laplace(L, s, mode="nearest") for s in sig])
+    mx = ndi.maximum_filter(stack, size=(3, 3, 3), mode="nearest")
+    bg = ndi.gaussian_filter(L, max(1.0, ppmm * 1.0), mode="nearest")
+    peaks = (stack == mx) & (stack > 0.5 * min_depth) & where[None]
+    k, y, x = np.nonzero(peaks)
+    if k.size == 0:
+        return np.zeros((0, 4))
+    depth = bg[y, x] - L[y, x]
+    ok = depth >= min_depth
+    k, y, x, depth = k[ok], y[ok], x[ok], depth[ok]
+    out = []
+    for kk in np.unique(k):
+        sel = k == kk
+        s = sig[kk]
+        l1, l2 = _hessian(L, s)
+        ratio = l2[y[sel], x[sel]] / np.maximum(l1[y[sel], x[sel]], 1e-6)
+        r = ratio >= 0.3
+        out.append(np.column_stack([y[sel][r], x[sel][r], np.full(r.sum(), s * math.sqrt(2)),
+                                    depth[sel][r]]))
+    return np.concatenate(out) if out else np.zeros((0, 4))
+
+
+def m_pore(ctx: Context) -> ConcernMeasurement:
+    R = ctx.regions
+    resolvable = ctx.ppmm_full >= PORE_MIN_PX_PER_MM
+    min_depth = max(3.0, 2.0 * ctx.noise_l)
+    per_region: dict[str, np.ndarray] = {}
+    canvas = np.zeros_like(ctx.L)
+    for name in ("forehead", "nose", "cheek"):
+        reg = R[name] & ctx.skin
+        if resolvable:
+            blobs, area = _fine_blobs(ctx, reg, min_depth)
+        else:
+            blobs = _blobs(ctx.L, reg, ctx.ppmm, (0.35, 1.0), min_depth)
+            area = ctx.area_cm2(reg)
+        per_region[name] = (blobs, area)
+        for y, x, r, _ in blobs:
+            rr, cc = disk((y, x), max(1.0, r), shape=canvas.shape)
+            canvas[rr, cc] = 1.0
+    scores, masks, meas = {}, {}, {}
+    mid = 30.0 if resolvable else 6.0
+    for region, parts in _PORE_REGIONS.items():
+        n = sum(len(per_region[p][0]) for p in parts)
+        area = sum(per_region[p][1] for p in parts)
+        dens = n / area if area > 0.05 else 0.0
+        sizes = np.concatenate([per_region[p][0][:, 2] for p in parts]) if n else np.zeros(0)
+        scores[region] = decreasing(dens, mid, mid / 3)
+        reg = np.zeros_like(canvas, dtype=bool)
+        for p in parts:
+            reg |= R[p]
+        masks[region] = ctx.to_mask(np.where(reg, canvas, 0))
+        meas[f"pore_count_{region}"] = n
+        meas[f"pore_density_per_cm2_{region}"] = dens
+        meas[f"pore_mean_diameter_mm_{region}"] = float(2 * sizes.mean() / ctx.ppmm) if n else 0.0
+    meas["pore_resolvable"] = float(resolvable)
+    meas["pore_min_px_per_mm"] = PORE_MIN_PX_PER_MM
+    meas["px_per_mm"] = ctx.ppmm_full
+    return _result(ctx, "pore", scores, masks, meas)
+
+
+def _fine_blobs(ctx: Context, reg: np.ndarray, min_depth: float):
+    """Blobs on the full-resolution pixels of ``reg``'s bounding box, resampled to at most
+    ``PORE_MAX_PX_PER_MM``; blob coordinates are returned in work pixels."""
+    rows = np.flatnonzero(reg.any(1)); cols = np.flatnonzero(reg.any(0))
+    if rows.size == 0:
+        return np.zeros((0, 4)), 0.0
+    i0, i1, j0, j1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    full = ctx.cache["full_rgb"]
+    y0 = ctx.box[0] + int(i0 / ctx.sy); y1 = ctx.box[0] + int(math.ceil(i1 / ctx.sy))
+    x0 = ctx.box[1] + int(j0 / ctx.sx); x1 = ctx.box[1] + int(math.ceil(j1 / ctx.sx))
+    sub = full[y0:y1, x0:x1]
+    f = min(1.0, PORE_MAX_PX_PER_MM / ctx.ppmm_full)
+    if f < 1.0:
+        sub = np.asarray(Image.fromarray(sub).resize(
+            (max(1, round(sub.shape[1] * f)), max(1, round(sub.shape[0] * f))), Image.BILINEAR))
+    ppmm = ctx.ppmm_full * sub.shape[1] / max(1, x1 - x0)
+    L = rgb_to_lab(sub.astype(np.float32) / 255.0)[0]
+    m = np.asarray(Image.fromarray(reg[i0:i1, j0:j1].astype(np.uint8) * 255).resize(
+        (L.shape[1], L.shape[0]), Image.NEAREST)) > 127
+    blobs = _blobs(L, m, ppmm, (0.1, 0.5), min_depth)
+    area = float(m.sum()) / (ppmm * 10) ** 2
+    if len(blobs):
+        # back to work pixels
+        fy = (i1 - i0) / L.shape[0]; fx = (j1 - j0) / L.shape[1]
+        blobs = np.column_stack([i0 + blobs[:, 0] * fy, j0 + blobs[:, 1] * fx,
+                                 blobs[:, 2] * fx, blobs[:, 3]])
+    return blobs, area
+
+
+def m_age_spot(ctx: Context) -> ConcernMeasurement:
+    R = ctx.regions
+    area = ctx.skin & ~R["nose"] if (ctx.skin & ~R["nose"]).sum() > 20 else ctx.skin
+    L = ctx.L
+    # 8 mm median background on a ~1 px/mm copy
+    step = max(1, int(round(ctx.ppmm)))
+    small = L[::step, ::step]
+    sk_small = ctx.skin[::step, ::step]
+    fill = np.where(sk_small, small, ctx.ref["L"])
+    bg_s = ndi.median_filter(fill, size=max(3, int(round(8 * ctx.ppmm / step))), mode="nearest")
+    bg = np.asarray(Image.fromarray(bg_s).resize((L.shape[1], L.shape[0]), Image.BILINEAR))
+    Ls = ndi.gaussian_filter(L, max(0.5, ctx.mm(0.3)), mode="nearest")
+    thr = max(6.0, 3.0 * ctx.noise_l * 0.5)
+    dark = bg - Ls
+    bmap = _masked_blur(ctx, ctx.b, ctx.skin, 4.0)
+    cand = area & (dark >= thr) & (ctx.b >= bmap - 1.0)
+    lab = label(cand, connectivity=2)
+    keep = np.zeros_like(cand)
+    n = 0
+    if lab.max():
+        props = regionprops_table(lab, properties=("label", "area", "solidity"))
+        dmm = 2 * np.sqrt(props["area"] / math.pi) / ctx.ppmm
+        ok = (dmm >= 1.0) & (dmm <= 8.0) & (props["solidity"] >= 0.6)
+        good = np.zeros(lab.max() + 1, bool)
+        good[props["label"][ok]] = True
+        keep = good[lab]
+        n = int(ok.sum())
+    a_cm2 = ctx.area_cm2(area)
+    frac = 100.0 * float(keep.sum()) / max(1, int(area.sum()))
+    per10 = 10.0 * n / a_cm2 if a_cm2 > 0 else 0.0
+    x = frac + 0.3 * per10
+    raw = decreasing(x, 3.0, 1.2)
+    alpha = np.where(keep, np.clip(0.4 + (dark - thr) / 15.0, 0, 1), 0)
+    meas = {"spot_count": n, "spot_area_fraction_pct": frac, "spots_per_10cm2": per10,
+            "spot_threshold_l_star": thr}
+    return _result(ctx, "age_spot", {"whole": raw}, {"whole": ctx.to_mask(alpha)}, meas)
+
+
+def m_acne(ctx: Context) -> ConcernMeasurement:
+    R = ctx.regions
+    mouth_ring = ndi.binary_dilation(R["mouth"], iterations=max(1, int(ctx.mm(3))))
+    area = ctx.skin & ~mouth_ring
+    a = ctx.a
+    bg = _masked_blur(ctx, a, ctx.skin, 5.0)
+    res = ndi.gaussian_filter(a, max(0.5, ctx.mm(0.3)), mode="nearest") - bg
+    cand = area & (res >= 4.0)
+    lab = label(cand, connectivity=2)
+    keep = np.zeros_like(cand)
+    n = 0
+    if lab.max():
+        props = regionprops_table(lab, properties=("label", "area", "eccentricity"))
+        dmm = 2 * np.sqrt(props["area"] / math.pi) / ctx.ppmm
+        ok = (dmm >= 1.0) & (dmm <= 5.0) & (props["eccentricity"] <= 0.93)
+        good = np.zeros(lab.max() + 1, bool)
+        good[props["label"][ok]] = True
+        keep = good[lab]
+        n = int(ok.sum())
+    a_cm2 = ctx.area_cm2(area)
+    frac = 100.0 * float(keep.sum()) / max(1, int(area.sum()))
+    x = n + 2.0 * frac
+    raw = decreasing(x, 8.0, 3.0)
+    alpha = np.where(keep, np.clip(0.4 + (res - 4.0) / 8.0, 0, 1), 0)
+    meas = {"lesion_count": n, "lesion_area_fraction_pct": frac,
+            "lesions_per_10cm2": 10.0 * n / a_cm2 if a_cm2 > 0 else 0.0}
+    return _result(ctx, "acne", {"whole": raw}, {"whole": ctx.to_mask(alpha)}, meas)
+
+
+def _row_profile(ctx: Context, where: np.ndarray, y_from: float, y_to: float, step: float = 0.03):
+    ys = np.arange(y_from, y_to + 1e-9, step)
+    prof = np.full(len(ys), np.nan)
+    Y = ctx.Y
+    for i, y in enumerate(ys):
+        sel = where & (np.abs(Y - y) <= step / 2)
+        if sel.sum() >= 3:
+            prof[i] = np.median(ctx.L[sel])
+    if np.isnan(prof).all():
+        return ys, prof
+    idx = np.arange(len(ys)); ok = ~np.isnan(prof)
+    prof = np.interp(idx, idx[ok], prof[ok])
+    return ys, ndi.gaussian_filter1d(prof, 1.0, mode="nearest")
+
+
+def m_eye_bag(ctx: Context) -> ConcernMeasurement:
+    R = ctx.regions
+    ref = ctx.ref["L"]
+    amps, depths = [], []
+    for side, sg in (("l", -1), ("r", 1)):
+        strip = R[f"eye_bag_{side}"] & (np.abs(ctx.X - sg * 0.5) <= 0.22) & (ctx.L >= ref - 30)
+        ys, prof = _row_profile(ctx, strip, 0.14, 0.66)
+        if np.isnan(prof).all():
+            continue
+        lower = ys >= 0.25
+        it = int(np.flatnonzero(lower)[np.argmin(prof[lower])])
+        bulge = float(prof[: it + 1].max())
+        trough = float(prof[it])
+        amps.append(bulge - trough)
+        depths.append(ref - trough)
+    amp = float(np.mean(amps)) if amps else 0.0
+    depth = float(np.mean(depths)) if depths else 0.0
+    x = 0.5 * amp + 0.5 * max(depth, 0.0)
+    raw = decreasing(x, 7.0, 2.5)
+    reg = R["eye_bag"] & (ctx.Y >= 0.22)
+    alpha = np.where(reg, np.clip((ref - ctx.L - 2.0) / 10.0, 0, 1), 0)
+    meas = {"bag_amplitude_l_star": amp, "trough_depth_l_star": depth, "eye_bag_index": x}
+    return _result(ctx, "eye_bag", {"whole": raw}, {"whole": ctx.to_mask(alpha)}, meas)
+
+
+def m_tear_trough(ctx: Context) -> ConcernMeasurement:
+    R = ctx.regions
+    X, Y = ctx.X, ctx.Y
+    depths, lengths = [], []
+    alpha = np.zeros_like(ctx.L)
+    ok_l = ctx.L >= ctx.ref["L"] - 30
+    for side, sg in (("l", -1), ("r", 1)):
+        p0 = np.array([sg * 0.26, 0.12]); p1 = np.array([sg * 0.50, 0.46])
+        v = p1 - p0; ln = float(np.hypot(*v)); v = v / ln
+        nrm = np.array([-v[1], v[0]])
+        t = ((X - p0[0]) * v[0] + (Y - p0[1]) * v[1]) / ln
+        d = (X - p0[0]) * nrm[0] + (Y - p0[1]) * nrm[1]
+        base = (t >= 0) & (t <= 1) & R["oval"] & ~R["eye_dil_l"] & ~R["eye_dil_r"] & ok_l
+        groove = base & (np.abs(d) <= 0.05)
+        flank = base & (np.abs(d) >= 0.10) & (np.abs(d) <= 0.20)
+        seg_depth = []
+        for k in range(8):
+            sl = (t >= k / 8) & (t < (k + 1) / 8)
+            g, f = groove & sl, flank & sl
+            if g.sum() >= 2 and f.sum() >= 2:
+                seg_depth.append(float(np.median(ctx.L[f]) - np.median(ctx.L[g])))
+        if seg_depth:
+            depths.append(float(np.mean(seg_depth)))
+            lengths.append(sum(1 for s in seg_depth if s > 1.5) * ln * IPD_MM / 8)
+        fl = np.median(ctx.L[flank]) if flank.any() else ctx.ref["L"]
+        alpha = np.where(groove, np.clip((fl - ctx.L - 0.5) / 8.0, 0, 1), alpha)
+    depth = float(np.mean(depths)) if depths else 0.0
+    length = float(np.mean(lengths)) if lengths else 0.0
+    x = depth + 0.1 * length
+    raw = decreasing(x, 4.0, 1.5)
+    meas = {"groove_depth_l_star": depth, "groove_length_mm": length}
+    return _result(ctx, "tear_trough", {"whole": raw}, {"whole": ctx.to_mask(alpha)}, meas)
+
+
+def _eye_aperture(ctx: Context):
+    """Per eye: (upper, lower) edges in face-frame Y of the non-skin aperture through the eye
+    centre, from the Lab colour distance to the cheek skin along a central column strip."""
+    if "aperture" in ctx.cache:
+        return ctx.cache["aperture"]
+    dE = np.sqrt((ctx.L - ctx.ref["L"]) ** 2 + (ctx.a - ctx.ref["a"]) ** 2 + (ctx.b - ctx.ref["b"]) ** 2)
+    out = []
+    for sg in (-1, 1):
+        strip = np.abs(ctx.X - sg * 0.5) <= 0.07
+        ys = np.arange(-0.30, 0.36, 0.015)
+        prof = np.array([np.median(dE[strip & (np.abs(ctx.Y - y) <= 0.0075)])
+                         if (strip & (np.abs(ctx.Y - y) <= 0.0075)).any() else np.nan for y in ys])
+        if np.isnan(prof).all():
+            out.append((-0.07, 0.08, prof, ys)); continue
+        idx = np.arange(len(ys)); ok = ~np.isnan(prof)
+        prof = np.interp(idx, idx[ok], prof[ok])
+        centre = int(np.argmin(np.abs(ys)))
+        skin_lvl = float(np.median(prof[ys >= 0.22]))
+        peak = float(prof[np.abs(ys) <= 0.05].max())
+        thr = skin_lvl + 0.5 * (peak - skin_lvl)
+        inside = prof >= thr
+        top = centre
+        while top > 0 and inside[top - 1]:
+            top -= 1
+        bot = centre
+        while bot < len(ys) - 1 and inside[bot + 1]:
+            bot += 1
+        out.append((float(ys[top]), float(ys[bot]), prof, ys))
+    ctx.cache["aperture"] = out
+    return out
+
+
+def _mm_per_unit(ctx: Context) -> float:
+    return ctx.ipd / ctx.ppmm
+
+
+def m_droopy_upper(ctx: Context) -> ConcernMeasurement:
+    ap = _eye_aperture(ctx)
+    u = _mm_per_unit(ctx)
+    mrd1 = [-top * u for top, _, _, _ in ap]
+    x = float(np.mean(mrd1))
+    raw = increasing(x, 2.5, 0.6)
+    alpha = np.zeros_like(ctx.L)
+    for (top, _, _, _), sg in zip(ap, (-1, 1)):
+        lid = (np.abs(ctx.X - sg * 0.5) <= 0.30) & (ctx.Y >= top - 0.12) & (ctx.Y <= top + 0.02)
+        alpha = np.where(lid & ctx.regions["oval"], 0.6, alpha)
+    meas = {"mrd1_mm": x, "mrd1_mm_image_left": mrd1[0], "mrd1_mm_image_right": mrd1[1]}
+    return _result(ctx, "droopy_upper_eyelid", {"whole": raw}, {"whole": ctx.to_mask(alpha)}, meas)
+
+
+def m_droopy_lower(ctx: Context) -> ConcernMeasurement:
+    ap = _eye_aperture(ctx)
+    u = _mm_per_unit(ctx)
+    mrd2 = [bot * u for _, bot, _, _ in ap]
+    x = float(np.mean(mrd2))
+    raw = decreasing(x, 6.5, 0.8)
+    alpha = np.zeros_like(ctx.L)
+    for (_, bot, _, _), sg in zip(ap, (-1, 1)):
+        lid = (np.abs(ctx.X - sg * 0.5) <= 0.30) & (ctx.Y >= bot - 0.02) & (ctx.Y <= bot + 0.12)
+        alpha = np.where(lid & ctx.regions["oval"], 0.6, alpha)
+    meas = {"mrd2_mm": x, "mrd2_mm_image_left": mrd2[0], "mrd2_mm_image_right": mrd2[1]}
+    return _result(ctx, "droopy_lower_eyelid", {"whole": raw}, {"whole": ctx.to_mask(alpha)}, meas)
+
+
+def m_firmness(ctx: Context) -> ConcernMeasurement:
+    R = ctx.regions
+    folds = (R["nasolabial"] | R["marionette"]) & (ctx.L >= ctx.ref["L"] - 30)
+    V = _valley(ctx, (1.5, 2.5), folds, "valley_coarse")
+    fold = float(np.percentile(V[folds], 75)) if folds.any() else 0.0
+    jowl = R["jowl"] & ctx.skin
+    ref = R["cheek_ref"] & ctx.skin
+    shade = (_median(ctx.L[ref]) - _median(ctx.L[jowl])) if jowl.any() and ref.any() else 0.0
+    x = fold + 0.15 * max(shade, 0.0)
+    raw = decreasing(x, 4.0, 1.5)
+    alpha = np.where(folds, np.clip(V / 8.0, 0, 1), 0)
+    meas = {"fold_depth_l_star": fold, "jowl_shading_l_star": shade, "firmness_index": x}
+    return _result(ctx, "firmness", {"whole": raw}, {"whole": ctx.to_mask(alpha)}, meas)
+
+
+def _moisture_parts(ctx: Context):
+    if "moisture" in ctx.cache:
+        return ctx.cache["moisture"]
+    R = ctx.regions
+    area = ctx.skin & (R["cheek"] | R["forehead"] | R["chin"])
+    if area.sum() < 20:
+        area = ctx.skin
+    L = ctx.L
+    hp1 = L - ndi.gaussian_filter(L, max(0.7, ctx.mm(1.0)), mode="nearest")
+    C = np.hypot(ctx.a, ctx.b)
+    c_ref = math.hypot(ctx.ref["a"], ctx.ref["b"])
+    hl, _ = _highlights(ctx)
+    flake = area & (hp1 > max(4.0, 3 * ctx.noise_l)) & (C < 0.85 * c_ref) & ~hl & (L <= ctx.ref["L"] + 12)
+    flake_pct = 100.0 * float(flake.sum()) / max(1, int(area.sum()))
+    s = max(0.7, ctx.mm(0.3))
+    hp = L - ndi.gaussian_filter(L, s, mode="nearest")
+    fine = robust_std(hp[area])
+    gain = math.sqrt(max(1e-9, 1 - 1 / (math.pi * s * s) + 1 / (4 * math.pi * s * s)))
+    fine_c = math.sqrt(max(fine ** 2 - (ctx.noise_l * gain) ** 2, 0.0))
+    ctx.cache["moisture"] = (area, flake, flake_pct, fine_c)
+    return ctx.cache["moisture"]
+
+
+def m_moisture(ctx: Context) -> ConcernMeasurement:
+    area, flake, flake_pct, fine = _moisture_parts(ctx)
+    x = flake_pct + 0.8 * fine
+    raw = decreasing(x, 2.5, 0.8)
+    alpha = np.where(flake, 0.9, 0.0)
+    meas = {"flaking_fraction_pct": flake_pct, "fine_roughness_l_star": fine, "dryness_index": x}
+    return _result(ctx, "moisture", {"whole": raw}, {"whole": ctx.to_mask(alpha)}, meas)
+
+
+OILY_T_PCT = 2.0
+OILY_U_PCT = 1.5
+DRY_MOISTURE_RAW = 40.0
+RED_A_STAR = 18.0
+
+
+def m_skin_type(ctx: Context, moisture_raw: float) -> ConcernMeasurement:
+    R = ctx.regions
+    hl, strength, ft, fu = _shine(ctx)
+    a_t = _mean(ctx.a[R["t_zone"] & ctx.skin]) if (R["t_zone"] & ctx.skin).any() else ctx.ref["a"]
+    a_u = _mean(ctx.a[R["u_zone"] & ctx.skin]) if (R["u_zone"] & ctx.skin).any() else ctx.ref["a"]
+    a_w = _mean(ctx.a[(R["t_zone"] | R["u_zone"]) & ctx.skin]) if ctx.skin.any() else ctx.ref["a"]
+    dry = moisture_raw < DRY_MOISTURE_RAW
+    oily_t, oily_u = ft >= OILY_T_PCT, fu >= OILY_U_PCT
+
+    def name(base: str, a_mean: float) -> str:
+        if a_mean >= RED_A_STAR:
+            return "Redness" if base == "Normal" else f"{base} & Redness"
+        return base
+
+    if oily_t and oily_u:
+        whole = "Oily"
+    elif oily_t or oily_u:
+        whole = "Combination"
+    elif dry:
+        whole = "Dry"
+    else:
+        whole = "Normal"
+    t_base = "Oily" if oily_t else ("Dry" if dry else "Normal")
+    u_base = "Oily" if oily_u else ("Dry" if dry else "Normal")
+    types = {"whole": name(whole, a_w), "t_zone": name(t_base, a_t), "u_zone": name(u_base, a_u)}
+    for v in types.values():
+        assert v in SKIN_TYPES, v
+    masks = {}
+    for region, key in (("whole", None), ("t_zone", "t_zone"), ("u_zone", "u_zone")):
+        reg = (R["t_zone"] | R["u_zone"]) if key is None else R[key]
+        reg = reg & ctx.loose_skin
+        masks[region] = ctx.to_mask(np.where(reg, np.maximum(0.5, strength), 0))
+    meas = {"highlight_fraction_t_zone_pct": ft, "highlight_fraction_u_zone_pct": fu,
+            "moisture_raw": moisture_raw, "a_star_t_zone": a_t, "a_star_u_zone": a_u,
+            "a_star_whole": a_w}
+    return _result(ctx, "skin_type", {}, masks, meas, skin_types=types)
+
+
+FUNCS = {
+    "wrinkle": m_wrinkle, "pore": m_pore, "texture": m_texture, "acne": m_acne,
+    "oiliness": m_oiliness, "radiance": m_radiance, "eye_bag": m_eye_bag,
+    "age_spot": m_age_spot, "dark_circle": m_dark_circle,
+    "droopy_upper_eyelid": m_droopy_upper, "droopy_lower_eyelid": m_droopy_lower,
+    "firmness": m_firmness, "moisture": m_moisture, "redness": m_redness,
+    "tear_trough": m_tear_trough,
+}
