@@ -94,7 +94,7 @@ def _cmd_analyze(args) -> int:
                 continue
             _print(f"   task {result.task_id}  backend={result.backend}  engine={result.engine}")
             table = result.scores.drop(columns=["concern", "backend", "engine"])
-            _print(table.to_string(index=False, na_rep="-"))
+            _print(table.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.1f}"))
             if result.overall is not None:
                 _print(f"   overall score: {result.overall:.1f}")
             if result.skin_age is not None:
