@@ -663,7 +663,8 @@ class Client:
 
     def submit(self, source, actions, *, format: str = "zip", mask_overlay: bool = False,
                miniserver_args: Mapping[str, Any] | None = None, downscale: bool = False,
-               file_name: str | None = None, pf_camera_kit: bool | None = None) -> Task:
+               file_name: str | None = None, pf_camera_kit: bool | None = None,
+               check_balance: bool = False) -> Task:
         """Create an analysis task and return its :class:`Task` at once.
 
         Parameters
@@ -684,7 +685,11 @@ class Client:
             The name the service sees (default: neutral, from the image hash).
         pf_camera_kit : bool, optional
             v2.1 only.
+        check_balance : bool
+            Fetch the unit balance first and refuse (before uploading) if it is below the cost.
         """
+        if check_balance:
+            self.estimate(actions, check_balance=True)
         plan = self.plan(source, actions, format=format, mask_overlay=mask_overlay,
                          miniserver_args=miniserver_args, downscale=downscale, file_name=file_name,
                          pf_camera_kit=pf_camera_kit)
@@ -740,9 +745,41 @@ class Client:
                 break
         return skus
 
-    def estimate(self, actions) -> int:
-        """Units one successful task with these actions costs (no network)."""
-        return estimate_units(validate_actions(actions).names)
+    def estimate(self, actions, *, check_balance: bool = False) -> int:
+        """Units one successful task with these actions costs (§8.2).
+
+        With ``check_balance=True`` the account balance is fetched too, and
+        :class:`~skinlab.errors.InsufficientCreditsError` is raised if it is lower, before any task
+        is created.
+        """
+        units = estimate_units(validate_actions(actions).names)
+        if check_balance:
+            balance = self.balance()
+            if balance < units:
+                raise InsufficientCreditsError(
+                    f"This task costs {units} units but the balance is {balance:g}. Top up in the YouCam console "
+                    "or request fewer concerns (1-4 concerns cost the least).", code="CreditInsufficiency")
+        return units
+
+    def refreshing_download(self, task: "Task") -> Callable[[str], bytes]:
+        """A download function that, when a result URL has expired (HTTP 403), polls ``task``
+        again for fresh URLs (§8.5) and retries with the new URL of the same file."""
+
+        def fetch(url: str) -> bytes:
+            try:
+                return self.download(url)
+            except APIError as exc:
+                if exc.status != 403:
+                    raise
+            name = urlsplit(url).path.rsplit("/", 1)[-1]
+            status = task.status()
+            for fresh in _urls_in(status.results):
+                if urlsplit(fresh).path.rsplit("/", 1)[-1] == name:
+                    log.info("result URL expired; polled again for a fresh one")
+                    return self.download(fresh)
+            raise errors.ResultFormatError(f"The refreshed task no longer lists {name}.")
+
+        return fetch
 
     def download(self, url: str, *, max_bytes: int = 200 * 1024 * 1024) -> bytes:
         """GET a result URL (no Authorization) with a size limit."""
@@ -763,6 +800,20 @@ class Client:
                 raise errors.ResultFormatError(f"Download exceeded the {max_bytes}-byte limit.")
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def _urls_in(results: Any) -> list[str]:
+    """Every URL in a poll's ``results`` (ZIP URL, mask URLs), in any of the contract's shapes."""
+    if isinstance(results, str):
+        return [results]
+    urls: list[str] = []
+    if isinstance(results, dict):
+        if isinstance(results.get("url"), str):
+            urls.append(results["url"])
+        for item in results.get("output") or []:
+            if isinstance(item, dict):
+                urls.extend(u for u in item.get("mask_urls") or [] if isinstance(u, str))
+    return urls
 
 
 def _never_connected(exc: BaseException) -> bool:

@@ -221,15 +221,16 @@ class AnalysisResult:
         meta = dict(task_id=getattr(task, "task_id", None), backend=status.backend, engine=status.engine,
                     api_version=getattr(task, "api_version", None), source=getattr(task, "source", None))
         client = getattr(task, "client", None)
+        fetch = client.refreshing_download(task) if client is not None else None
         if isinstance(results, dict) and "output" in results:
             entries, extras = parse_json_output(results["output"])
-            return cls(entries, extras, format="json", fetch=client.download if client else None, **meta)
+            return cls(entries, extras, format="json", fetch=fetch, **meta)
         url = results.get("url") if isinstance(results, dict) else results
         if not isinstance(url, str) or not url:
             raise ResultFormatError(f"The success answer has neither results.output nor a ZIP URL: {results!r:.200}")
-        if client is None:
+        if fetch is None:
             raise ResultFormatError("A ZIP result needs a client to download it.")
-        return cls.from_zip(client.download(url), **meta)
+        return cls.from_zip(fetch(url), **meta)
 
     @classmethod
     def from_zip(cls, data: bytes, **meta) -> "AnalysisResult":

@@ -385,3 +385,31 @@ def test_public_api_pinned():
     assert expected <= set(skinlab.__all__)
     for name in skinlab.__all__:
         assert getattr(skinlab, name) is not None
+
+
+def test_expired_result_url_refreshed_by_polling_again(srv):
+    old = f"{srv.url}/_storage/results/old/r.zip?X-Amz-Expires=7200"
+    new = f"{srv.url}/_storage/results/new/r.zip?X-Amz-Expires=7200"
+
+    def env(url):
+        return (200, {"status": 200, "data": {"error": None, "results": {"url": url}, "task_status": "success"}})
+
+    srv.route("GET", POLL, env(old), env(new))
+    srv.route("GET", "/_storage/results/old/r.zip",
+              (403, "<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>",
+               {"Content-Type": "application/xml"}))
+    srv.route("GET", "/_storage/results/new/r.zip", (200, _zip_bytes(), {"Content-Type": "binary/octet-stream"}))
+    r = _task(srv).wait(timeout=5)
+    assert r.score("pore") == 78.4
+    assert len(srv.calls("GET", POLL)) == 2 and len(srv.calls("GET", "/_storage/results/old")) == 1
+
+
+def test_balance_check_refuses_before_upload(srv):
+    low = {"status": 200, "results": [{"id": 1, "type": "ApiPaygToken", "amount": 8, "amount_dec": 8.5,
+                                       "expiry": 1805414400000}]}
+    srv.route("GET", "/s2s/v1.0/client/credit", (200, low))
+    c = client_for(srv)
+    assert c.estimate(["pore"]) == 9
+    with pytest.raises(errors.InsufficientCreditsError, match="costs 9 units but the balance is 8.5"):
+        c.submit(_jpeg(), ["pore"], check_balance=True)
+    assert srv.calls("POST") == [] and srv.calls("PUT") == []
