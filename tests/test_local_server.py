@@ -46,7 +46,8 @@ class Api:
     def post(self, path: str, body=None, *, data=None, headers=None) -> requests.Response:
         if body is not None:
             data = json.dumps(body)
-        return requests.post(self.base + path, data=data, headers=headers or self.headers(), timeout=30)
+        return requests.post(self.base + path, data=data, headers=self.headers() if headers is None else headers,
+                             timeout=30)
 
     def slot(self, size: int, name: str = "face.jpg", ctype: str = "image/jpeg", path: str = "/s2s/v2.0/file") -> dict:
         resp = self.post(path, {"files": [{"content_type": ctype, "file_name": name, "file_size": size}]})
@@ -138,7 +139,7 @@ def xml_code(resp: requests.Response) -> str:
 @pytest.fixture
 def api(local_server, request) -> Api:
     # One key per test: balances are per key on the shared server.
-    return Api(local_server.url, key=f"k-{request.node.name[:40]}".replace("[", "-").replace("]", "").replace(" ", ""))
+    return Api(local_server.url, key="k-" + re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:60])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -603,16 +604,40 @@ def test_url_source_download_errors_and_hook(api):
     assert api.run("http://127.0.0.1:9/dir/img__error_lighting_dark__.jpg", ["wrinkle"])["error"] == "error_download_image"
 
 
-def test_url_source_success_and_hook(api):
-    fid = api.upload(portrait_jpeg("astronaut", "sd"))
-    data = api.run(fid, ["redness"])
-    image_url = [e for e in data["results"]["output"] if e["type"] == "resize_image"][0]["mask_urls"][0]
-    ok = api.run(image_url, ["redness"])
+@pytest.fixture(scope="module")
+def static_site():
+    """A plain HTTP server answering every GET with the SD portrait (for src_file_url)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    body = portrait_jpeg("astronaut", "sd")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_url_source_success_and_hook(api, static_site):
+    ok = api.run(static_site + "/photos/face.jpg?size=large", ["redness"])
     assert ok["task_status"] == "success"
-    assert ok["results"]["output"][0]["raw_score"] == data["results"]["output"][0]["raw_score"]  # same pixels
-    # The hook reads the URL's last path segment.
-    hooked = image_url.replace("/resize_image.jpg", "/resize_image.jpg/../x__error_lighting_dark__.jpg")
-    assert api.run(hooked, ["redness"])["error"] in ("error_lighting_dark", "error_download_image")
+    # The hook token is read from the URL's last path segment.
+    assert_task_error(api.run(static_site + "/photos/x__error_lighting_dark__.jpg", ["redness"]),
+                      "error_lighting_dark", "The lighting in the uploaded image is too dark")
+    assert api.run(static_site + "/a__poll500__/face.jpg", ["redness"])["task_status"] == "success"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -876,3 +901,28 @@ def test_local_server_lifecycle_and_bind_rules():
         assert requests.get(srv.url + "/s2s/v1.0/client/credit", headers={"Authorization": "Bearer k"}).ok
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{port}/", timeout=2)
+
+
+def test_app_is_plain_wsgi_and_builds_urls_from_the_host_header():
+    import threading
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from skinlab.local import SkinlabApp
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    app = SkinlabApp(task_duration_s=0)
+    httpd = make_server("127.0.0.1", 0, app, handler_class=Quiet)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{httpd.server_address[1]}"
+        api = Api(base, "wsgi")
+        slot = api.slot(3)
+        assert slot["requests"][0]["url"].startswith(base + "/_storage/upload/")
+        assert requests.put(slot["requests"][0]["url"], data=b"abc", headers=slot["requests"][0]["headers"]).ok
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        app.close()

@@ -152,7 +152,7 @@ class LocalServer:
         self._bind()
         assert self._httpd is not None
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
             name=f"skinlab-local-{self.port}", daemon=True,
         )
         self._thread.start()

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..images import MAX_FILE_BYTES, MAX_LONG_SIDE, MIN_SHORT_SIDE
+
 __all__ = [
     "MAX_FILE_BYTES",
     "MIN_SHORT_SIDE",
@@ -25,10 +27,9 @@ __all__ = [
     "resized_size",
 ]
 
-MAX_FILE_BYTES = 10 * 1024 * 1024  # 10,485,760: a file larger than this is exceed_max_filesize
-MIN_SHORT_SIDE = {"sd": 480, "hd": 1080}
-OUTPUT_LONG_SIDE = 2560
-STRICT_MAX_LONG_SIDE = 4096
+# The service limits are shared with the client's pre-flight (skinlab.images).
+OUTPUT_LONG_SIDE = MAX_LONG_SIDE
+STRICT_MAX_LONG_SIDE = 4096  # the emulator's strict mode only (§5.4, check 5)
 
 
 class ImageRejected(Exception):

@@ -66,6 +66,18 @@ DOWNLOAD_TIMEOUT_S = 30.0
 _HEX6 = re.compile(r"^[0-9A-Fa-f]{6}$")
 _EXT = re.compile(r"^\.[A-Za-z0-9]{1,10}$")
 _AMZ_DATE = "%Y%m%dT%H%M%SZ"
+_DRAIN_LIMIT = 1 << 30  # larger bodies are not even read: the connection is closed
+#: Storage errors (§3.4, §8.5): (HTTP status, S3 code, message).
+_STORAGE_ERRORS = {
+    "bad": (403, "SignatureDoesNotMatch",
+            "The request signature we calculated does not match the signature you provided."),
+    "expired": (403, "AccessDenied", "Request has expired"),
+    "authorization": (400, "InvalidArgument", "Only one auth mechanism allowed; only the X-Amz-Algorithm "
+                      "query parameter or the Authorization header should be specified"),
+    "missing": (404, "NoSuchKey", "The specified key does not exist."),
+    "too_large": (400, "EntityTooLarge", "Your proposed upload exceeds the maximum allowed size"),
+    "internal": (500, "InternalError", "We encountered an internal error. Please try again."),
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,15 +331,24 @@ def _parse_json(body: bytes) -> Any:
     return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
 
 
+@dataclass
+class _Measured:
+    """The part of an engine ``Analysis`` that results are built from."""
+
+    concerns: dict[str, Any]
+    skin_age: int | None
+
+
 class _ImageEntry:
-    """Cached per-image work: decoding, the face check, the analysis."""
+    """Cached per-image work: decoding, the face check, the measurements, the rendered masks."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.decoded: Any = None
         self.rejected: str | None = None
         self.checks: dict[Any, Any] = {}
-        self.analysis: Any = None
+        self.measured: dict[str, Any] = {}  # concern key -> engine ConcernMeasurement
+        self.skin_age: int | None = None
         self.files: dict[Any, bytes] = {}   # rendered masks, by (file name, background)
 
 
@@ -405,6 +426,13 @@ class SkinlabApp:
             if task is not None:
                 self._advance(task, self.now())
             return self._tasks.get(task_id)
+
+    def task_ids(self, api_key: str | None = None) -> list[str]:
+        """The ids of the live tasks (of ``api_key``, or of every key)."""
+        with self._lock:
+            self._sweep(self.now())
+            return [t.task_id for t in self._tasks.values()
+                    if not t.dropped and (api_key is None or t.owner == api_key)]
 
     def warm_up(self) -> None:
         """Import the engine now rather than at the first request."""
@@ -487,6 +515,7 @@ class SkinlabApp:
 
     @staticmethod
     def _xml_error(status: int, code: str, message: str) -> _Response:
+        """An S3-style storage error (no JSON envelope, no x-request-id)."""
         body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
                 f"<Message>{message}</Message><RequestId>{secrets.token_hex(8).upper()}</RequestId>"
                 "</Error>").encode("utf-8")
@@ -535,12 +564,11 @@ class SkinlabApp:
             else:
                 status = fault["status"]
                 if storage:
-                    return self._xml_error(status, "InternalError", "We encountered an internal error.")
+                    return self._xml_error(status, *_STORAGE_ERRORS["internal"][1:])
                 return self._json(status, fault["body"] or _err(status, http.HTTPStatus(status).phrase))
         if storage:
             if not self._read_body(req, self.config.max_upload_bytes):
-                return self._xml_error(400, "EntityTooLarge",
-                                       "Your proposed upload exceeds the maximum allowed size")
+                return self._xml_error(*_STORAGE_ERRORS["too_large"])
             return self._storage_put(req, match) if route == "storage_put" else self._storage_get(req, match)
         key = self._authenticate(req)
         if key is None:
@@ -554,24 +582,28 @@ class SkinlabApp:
 
     @staticmethod
     def _read_body(req: _Request, limit: int) -> bool:
-        """Read the request body (always, so the connection closes cleanly); False if too big."""
+        """Read the request body; False (body drained and dropped) when it exceeds ``limit``.
+
+        The body is always consumed, so that closing the connection never resets it before the
+        client has read the answer.
+        """
         try:
             length = int(req.environ.get("CONTENT_LENGTH") or 0)
         except ValueError:
             length = 0
-        if length > limit:
+        if length > _DRAIN_LIMIT:
             return False
-        if length > 0:
-            stream = req.environ["wsgi.input"]
-            chunks, left = [], length
-            while left > 0:
-                chunk = stream.read(min(left, 1 << 20))
-                if not chunk:
-                    break
+        stream = req.environ.get("wsgi.input")
+        chunks, left = [], length
+        while left > 0 and stream is not None:
+            chunk = stream.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            if length <= limit:
                 chunks.append(chunk)
-                left -= len(chunk)
-            req.body = b"".join(chunks)
-        return True
+            left -= len(chunk)
+        req.body = b"".join(chunks)
+        return length <= limit
 
     # -- auth and rate limit -----------------------------------------------------------------
     def _authenticate(self, req: _Request) -> str | None:
@@ -612,8 +644,8 @@ class SkinlabApp:
         message = "\n".join((str(epoch), method, path, extra, date, expires)).encode("utf-8")
         return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
 
-    def _presign(self, method: str, path: str, ttl: float, extra: str, signed_headers: str) -> str:
-        """An absolute presigned URL for ``path`` (S3-style query)."""
+    def _presign(self, base: str, method: str, path: str, ttl: float, extra: str, signed_headers: str) -> str:
+        """An absolute presigned URL for ``path`` under ``base`` (S3-style query)."""
         now = self.now()
         date = time.strftime(_AMZ_DATE, time.gmtime(now))
         expires = str(int(ttl))
@@ -625,7 +657,7 @@ class SkinlabApp:
             ("X-Amz-SignedHeaders", signed_headers),
             ("X-Amz-Signature", self._signature(self.faults.url_epoch, method, path, extra, date, expires)),
         ]
-        return f"{self.base_url()}{quote(path)}?{urlencode(params, quote_via=quote)}"
+        return f"{base}{quote(path)}?{urlencode(params, quote_via=quote)}"
 
     def _verify(self, method: str, req: _Request, extra: str) -> str:
         """``"ok"``, ``"expired"`` or ``"bad"`` for the presigned request ``req``."""
@@ -651,7 +683,7 @@ class SkinlabApp:
     # -- ids ---------------------------------------------------------------------------------
     def _token(self, nbytes: int) -> bytes:
         with self._lock:
-            return bytes(self._rng.getrandbits(8) for _ in range(nbytes))
+            return self._rng.randbytes(nbytes)
 
     def _new_file_id(self) -> str:
         while True:
@@ -701,7 +733,8 @@ class SkinlabApp:
                 self._files[record.file_id] = record
                 self._slots[record.slot] = record.file_id
             path = f"/_storage/upload/{record.slot}/{object_name}"
-            url = self._presign("PUT", path, self.config.upload_url_ttl_s, f"{ctype}\n{size}",
+            url = self._presign(self.base_url(req.environ), "PUT", path, self.config.upload_url_ttl_s,
+                                f"{ctype}\n{size}",
                                 "content-length;content-type;host")
             headers: Any = {"Content-Length": str(size), "Content-Type": ctype}
             if self.config.upload_headers_as_list:
@@ -713,20 +746,16 @@ class SkinlabApp:
     # -- storage (§3.4, §8.5) ----------------------------------------------------------------
     def _storage_put(self, req: _Request, match: re.Match) -> _Response:
         slot, object_name = match.group(1), match.group(2)
-        mismatch = self._xml_error(403, "SignatureDoesNotMatch",
-                                   "The request signature we calculated does not match the signature you provided.")
+        mismatch = self._xml_error(*_STORAGE_ERRORS["bad"])
         with self._lock:
             record = self._files.get(self._slots.get(slot, ""))
         if record is None or record.object_name != object_name:
             return mismatch
         verdict = self._verify("PUT", req, f"{record.content_type}\n{record.size}")
-        if verdict == "bad":
-            return mismatch
-        if verdict == "expired":
-            return self._xml_error(403, "AccessDenied", "Request has expired")
+        if verdict != "ok":
+            return self._xml_error(*_STORAGE_ERRORS[verdict])
         if req.header("Authorization") is not None:
-            return self._xml_error(400, "InvalidArgument", "Only one auth mechanism allowed; only the "
-                                   "X-Amz-Algorithm query parameter or the Authorization header should be specified")
+            return self._xml_error(*_STORAGE_ERRORS["authorization"])
         if req.header("Content-Type") != record.content_type:
             return mismatch
         length = req.header("Content-Length")
@@ -741,21 +770,20 @@ class SkinlabApp:
         results_key, name = match.group(1), match.group(2)
         verdict = self._verify("GET", req, "")
         if verdict == "bad":
-            return self._xml_error(403, "SignatureDoesNotMatch",
-                                   "The request signature we calculated does not match the signature you provided.")
+            return self._xml_error(*_STORAGE_ERRORS["bad"])
         with self._lock:
             task = self._tasks.get(self._results.get(results_key, ""))
             if task is not None:
                 self._advance(task, self.now())
                 task = self._tasks.get(task.task_id)
             data = task.outcome.files.get(name) if task is not None and task.outcome is not None else None
+        # A deleted or expired task answers 404 even when the URL has expired too (§8.5).
         if data is None or task is None or task.state != "success":
-            return self._xml_error(404, "NoSuchKey", "The specified key does not exist.")
+            return self._xml_error(*_STORAGE_ERRORS["missing"])
         if verdict == "expired":
-            return self._xml_error(403, "AccessDenied", "Request has expired")
+            return self._xml_error(*_STORAGE_ERRORS["expired"])
         if req.header("Authorization") is not None:
-            return self._xml_error(400, "InvalidArgument", "Only one auth mechanism allowed; only the "
-                                   "X-Amz-Algorithm query parameter or the Authorization header should be specified")
+            return self._xml_error(*_STORAGE_ERRORS["authorization"])
         etag = '"' + hashlib.md5(data).hexdigest() + '"'
         return 200, [("Content-Type", "binary/octet-stream"), ("Content-Length", str(len(data))),
                      ("ETag", etag), ("access-control-allow-origin", "*")], data
@@ -916,21 +944,23 @@ class SkinlabApp:
             data.update(results=None, task_status="error")
         else:
             assert outcome is not None
-            data = {"error": None, "results": self._signed_results(task, outcome), "task_status": "success"}
+            results = self._signed_results(self.base_url(req.environ), task, outcome)
+            data = {"error": None, "results": results, "task_status": "success"}
         return self._json(200, {"status": 200, "data": data})
 
-    def _result_url(self, task: Task, name: str) -> str:
-        return self._presign("GET", f"/_storage/results/{task.results_key}/{name}",
-                             self.config.result_url_ttl_s, "", "host")
+    def _signed_results(self, base: str, task: Task, outcome: Outcome) -> dict[str, Any]:
+        """The ``results`` of a successful poll, with freshly signed URLs."""
+        def url(name: str) -> str:
+            return self._presign(base, "GET", f"/_storage/results/{task.results_key}/{name}",
+                                 self.config.result_url_ttl_s, "", "host")
 
-    def _signed_results(self, task: Task, outcome: Outcome) -> dict[str, Any]:
         if outcome.zip_name is not None:
-            return {"url": self._result_url(task, outcome.zip_name)}
+            return {"url": url(outcome.zip_name)}
         output = []
         for template in outcome.entries or []:
             entry = dict(template)
             if "mask_urls" in entry:
-                entry["mask_urls"] = [self._result_url(task, name) for name in entry["mask_urls"]]
+                entry["mask_urls"] = [url(name) for name in entry["mask_urls"]]
                 entry["url"] = entry.pop("url")  # keep "url" last
             output.append(entry)
         return {"output": output}
@@ -1015,7 +1045,7 @@ class SkinlabApp:
         entry = self._image_entry(hashlib.sha256(data).hexdigest())
         with entry.lock:
             if entry.decoded is None and entry.rejected is None:
-                self.counters["decode"] += 1
+                self._count("decode")
                 try:
                     entry.decoded = decode_image(data)
                 except ImageRejected as exc:
@@ -1038,17 +1068,21 @@ class SkinlabApp:
         with entry.lock:
             check = entry.checks.get(gate_key)
             if check is None:
-                self.counters["check"] += 1
+                self._count("check")
                 check = engine.check_image(decoded.rgb, config=engine.GateConfig(**gate))
                 entry.checks[gate_key] = check
             if check.error:
                 return error(check.error)
-            if entry.analysis is None:
-                # One analysis of all 16 concerns per image: a concern's result never depends on
-                # which other concerns were requested, and SD and HD share each measurement.
-                self.counters["analyze"] += 1
-                entry.analysis = engine.analyze(decoded.rgb, CONCERNS, check=check)
-            analysis = entry.analysis
+            wanted = {CATALOGUE[n].concern for n in task.names}
+            missing = [c for c in CONCERNS if c in wanted and c not in entry.measured]
+            if missing:
+                # Each concern is measured once per image; the engine's measurements and its
+                # skin-age proxy do not depend on which other concerns are requested.
+                self._count("analyze")
+                fresh = engine.analyze(decoded.rgb, missing, check=check)
+                entry.measured.update(fresh.concerns)
+                entry.skin_age = fresh.skin_age
+            analysis = _Measured(concerns=dict(entry.measured), skin_age=entry.skin_age)
         results = build_results(task.names, analysis, decoded.rgb, task_id=task.task_id,
                                 miniserver_args=task.args, ui_score=engine.ui_score, cache=entry.files)
         if task.format == "zip":
@@ -1057,6 +1091,10 @@ class SkinlabApp:
             members += [("skinanalysisResult/" + name, blob) for name, blob in results.files]
             return Outcome(status="success", files={zip_name: build_zip(members, self.now())}, zip_name=zip_name)
         return Outcome(status="success", entries=results.entries, files=dict(results.files))
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.counters[name] += 1
 
     def _image_entry(self, sha: str) -> _ImageEntry:
         with self._lock:

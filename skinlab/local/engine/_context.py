@@ -24,7 +24,7 @@ FACE_WIDTH_MM = 140.0
 #: Average adult interpupillary distance (Dodgson 2004: mean ~63 mm).
 IPD_MM = 63.0
 #: Cap on the working resolution of the general measurements, pixels per millimetre.
-WORK_PX_PER_MM = 4.0
+WORK_PX_PER_MM = 3.5
 #: Default eye centres in detector-box units (u across, v down), used when refinement fails.
 DEFAULT_EYES = ((0.29, 0.35), (0.71, 0.35))
 
@@ -48,9 +48,9 @@ def rgb_to_lab(rgb01: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
 
 def smooth(img: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian blur (std ``sigma`` px, edges replicated); large sigmas run on a block-averaged
-    copy and are interpolated back (sigma >= 8 px; error below ~0.2 L* on face images)."""
+    copy and are interpolated back (sigma >= 6 px; error below ~0.3 L* on face images)."""
     sigma = float(sigma)
-    k = int(sigma // 4) if sigma >= 8 else 1
+    k = int(sigma // 3) if sigma >= 6 else 1
     if k <= 1:
         return ndi.gaussian_filter(img, sigma, mode="nearest")
     h, w = img.shape
@@ -103,6 +103,7 @@ class Context:
     Y: np.ndarray = field(repr=False, default=None)
     regions: dict = field(repr=False, default_factory=dict)
     skin: np.ndarray = field(repr=False, default=None)
+    skin_filled: np.ndarray = field(repr=False, default=None)
     loose_skin: np.ndarray = field(repr=False, default=None)
     ref: dict = field(default_factory=dict)
     noise_l: float = 0.0
@@ -265,8 +266,9 @@ def _build_regions(ctx: Context) -> None:
         R[f"eye_{side}"] = _ellipse(X, Y, sg * 0.5, 0.0, 0.30, 0.15)
         R[f"eye_dil_{side}"] = _ellipse(X, Y, sg * 0.5, 0.0, 0.36, 0.20)
         R[f"brow_{side}"] = _ellipse(X, Y, sg * 0.52, -0.31, 0.44, 0.12)
-        R[f"under_eye_{side}"] = (_ellipse(X, Y, sg * 0.5, 0.08, 0.32, 0.34) & (Y > 0.10)
-                                  & ~R[f"eye_dil_{side}"])
+        # infraorbital band from just below the lash line (~6 mm below the pupil) to ~20 mm
+        R[f"under_eye_{side}"] = (_ellipse(X, Y, sg * 0.5, 0.10, 0.32, 0.30) & (Y > 0.09) & (Y < 0.32)
+                                  & ~_ellipse(X, Y, sg * 0.5, 0.0, 0.30, 0.14))
         R[f"eye_bag_{side}"] = (_ellipse(X, Y, sg * 0.5, 0.2, 0.34, 0.48) & (Y > 0.10)
                                 & ~R[f"eye_dil_{side}"])
         R[f"cheek_ref_{side}"] = ((sg * X >= 0.48) & (sg * X <= 0.86) & (Y >= 0.46) & (Y <= 0.72)
@@ -314,12 +316,17 @@ def _build_skin(ctx: Context) -> None:
     # hair (yellower hue, low a*, high b*), hats, glasses frames and background drop out
     skin = (R["face"]
             & (a >= ma - max(2.5 * sa, 4.5)) & (a <= ma + max(4.0 * sa, 12.0))
-            & (np.abs(b - mb) <= max(2.5 * sb, 6.0))
-            & (hue >= mh - max(4.0 * sh, 20.0)) & (hue <= mh + max(2.5 * sh, 10.0))
+            & (np.abs(b - mb) <= max(3.0 * sb, 7.0))
+            & (hue >= mh - max(4.0 * sh, 20.0)) & (hue <= mh + max(3.0 * sh, 12.0))
             & (L >= mL - max(20.0, 4 * sL)) & (L <= mL + 30.0))
     # keep bright low-chroma pixels too (specular highlights) in a loose skin mask
     loose = R["face"] & (skin | (L >= mL))
     ctx.skin = skin
+    # thin or small non-skin gaps (deep lines, spots, pores gated out by colour) closed again,
+    # so that a dark wrinkle does not remove itself from the area it is measured in
+    k = max(1, int(round(1.2 * ctx.ppmm)))
+    filled = ndi.binary_closing(skin, iterations=k, border_value=0) | skin
+    ctx.skin_filled = filled & R["face"]
     ctx.loose_skin = loose
     ctx.ref = {"L": mL, "a": ma, "b": mb, "hue": mh, "sL": sL, "sa": sa, "sb": sb, "shue": sh}
     ctx.noise_l = noise_sigma(L, skin)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
@@ -92,14 +93,15 @@ def _group(boxes: np.ndarray, overlap: float = 0.5, max_ratio: float = 1.6) -> l
     return groups
 
 
-def _detect(rgb: np.ndarray, cfg: GateConfig) -> tuple[list[Face], dict]:
+def _detect(rgb: np.ndarray, cfg: GateConfig, want_small: bool = False):
     small, s = _downscale(rgb, cfg.detect_long_side)
-    grey = lightness(small) / 100.0
+    lstar = lightness(small)
+    grey = lstar / 100.0
     hs, ws = grey.shape
     min_px = int(min(cfg.min_face_px, 0.9 * min(hs, ws)))
     max_px = int(min(hs, ws))
     if min_px < 24:
-        return [], {"raw_windows": 0, "detect_scale": s}
+        return ([], {"raw_windows": 0, "detect_scale": s}) + ((lstar, s) if want_small else ())
     with _LOCK:
         raw = _cascade().detect_multi_scale(
             grey, scale_factor=cfg.scale_factor, step_ratio=1, min_size=(min_px, min_px),
@@ -121,7 +123,8 @@ def _detect(rgb: np.ndarray, cfg: GateConfig) -> tuple[list[Face], dict]:
         faces.append(Face(top=int(round(r / s)), left=int(round(c / s)), height=int(round(h / s)),
                           width=int(round(w / s)), score=float(len(g))))
     faces.sort(key=lambda f: (-f.width, -f.score))
-    return faces, {"raw_windows": int(len(boxes)), "detect_scale": float(s)}
+    info = {"raw_windows": int(len(boxes)), "detect_scale": float(s)}
+    return (faces, info) + ((lstar, s) if want_small else ())
 
 
 def detect_faces(rgb, *, config: GateConfig | None = None) -> list[Face]:
@@ -143,6 +146,22 @@ def _skin_lightness(rgb: np.ndarray, face: Face) -> float:
     return float(np.median(lightness(sub[::step, ::step])))
 
 
+#: Canonical face box in units of its width: eye centres are 0.42 apart, 0.35 below the top.
+EYE_DISTANCE_PER_BOX = 0.42
+EYE_HEIGHT_IN_BOX = 0.35
+
+
+def _eyes_small(lstar: np.ndarray, face: Face, s: float):
+    """Eye centres (full-res x, y) refined on the detection copy, or None."""
+    from ._context import _refine_eyes
+
+    fb = (face.top * s, face.left * s, face.width * s, face.height * s)
+    eyes = _refine_eyes(lstar.astype(np.float32), fb)
+    if eyes is None:
+        return None
+    return tuple((x / s, y / s) for x, y in eyes)
+
+
 def check_image(rgb, *, config: GateConfig | None = None) -> FaceCheck:
     """Contract §5.4 checks 6..11 in order; the first failure is the result.
 
@@ -156,7 +175,7 @@ def check_image(rgb, *, config: GateConfig | None = None) -> FaceCheck:
     cfg = config or GateConfig()
     rgb = as_rgb(rgb)
     H, W = rgb.shape[:2]
-    faces, det = _detect(rgb, cfg)
+    faces, det, lstar, s = _detect(rgb, cfg, want_small=True)
     details: dict = {"image_height": H, "image_width": W, **det, "n_faces": len(faces),
                      "head_angle_checked": False}
     if not faces:
@@ -167,11 +186,22 @@ def check_image(rgb, *, config: GateConfig | None = None) -> FaceCheck:
     details["min_face_width_fraction"] = cfg.min_face_width_fraction
     if frac < cfg.min_face_width_fraction:
         return FaceCheck("error_src_face_too_small", faces, frac, details)
-    top = f.top - cfg.forehead_extension * f.height
-    bottom = f.bottom + cfg.chin_extension * f.height
-    left = f.left - cfg.side_extension * f.width
-    right = f.right + cfg.side_extension * f.width
-    overflow = max(0.0, -top, bottom - H, -left, right - W) / f.height
+    # the box to extend: the detector's, or (better: it does not shrink when the chin is cut
+    # off) a canonical box re-derived from the two eye centres found in its upper half
+    bt, bl, bw = float(f.top), float(f.left), float(f.width)
+    eyes = _eyes_small(lstar, f, s)
+    if eyes is not None:
+        (xa, ya), (xb, yb) = eyes
+        bw = math.hypot(xb - xa, yb - ya) / EYE_DISTANCE_PER_BOX
+        bt = (ya + yb) / 2 - EYE_HEIGHT_IN_BOX * bw
+        bl = (xa + xb) / 2 - 0.5 * bw
+        details["eye_centres"] = [round(xa, 1), round(ya, 1), round(xb, 1), round(yb, 1)]
+    details["bounds_from"] = "eyes" if eyes is not None else "detector box"
+    top = bt - cfg.forehead_extension * bw
+    bottom = bt + (1.0 + cfg.chin_extension) * bw
+    left = bl - cfg.side_extension * bw
+    right = bl + (1.0 + cfg.side_extension) * bw
+    overflow = max(0.0, -top, bottom - H, -left, right - W) / bw
     details["out_of_bound_fraction"] = overflow
     if overflow > cfg.out_of_bound_tolerance:
         return FaceCheck("error_src_face_out_of_bound", faces, frac, details)

@@ -11,12 +11,11 @@ from PIL import Image
 from scipy import ndimage as ndi
 from skimage.draw import disk
 from skimage.filters import apply_hysteresis_threshold
-from skimage.measure import label, regionprops_table
 from skimage.morphology import skeletonize
 
 from skinlab.actions import CATALOGUE, SKIN_TYPES
 
-from ._context import IPD_MM, Context, rgb_to_lab, robust_std
+from ._context import IPD_MM, Context, rgb_to_lab, robust_std, smooth
 from ._types import ConcernMeasurement
 
 # --------------------------------------------------------------------------------------------
@@ -53,20 +52,55 @@ def _finite(x: float, default: float = 0.0) -> float:
     return float(x) if x == x and abs(x) != float("inf") else default
 
 
-def _blur(ctx: Context, img: np.ndarray, mm: float) -> np.ndarray:
-    key = ("blur", id(img), round(mm, 3))
-    if key not in ctx.cache:
-        ctx.cache[key] = ndi.gaussian_filter(img, max(0.5, ctx.mm(mm)), mode="nearest")
-    return ctx.cache[key]
+def _bbox(m: np.ndarray, pad: int, shape) -> tuple[slice, slice] | None:
+    rows = np.flatnonzero(m.any(1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(m.any(0))
+    return (slice(max(0, rows[0] - pad), min(shape[0], rows[-1] + pad + 1)),
+            slice(max(0, cols[0] - pad), min(shape[1], cols[-1] + pad + 1)))
 
 
 def _masked_blur(ctx: Context, img: np.ndarray, where: np.ndarray, mm: float) -> np.ndarray:
-    """Normalised convolution: the blur of ``img`` using only the pixels in ``where``."""
+    """Normalised convolution: the Gaussian blur (std ``mm``) of ``img`` using only the pixels
+    in ``where``; outside the support the image itself is returned."""
     s = max(0.5, ctx.mm(mm))
-    w = where.astype(np.float32)
-    num = ndi.gaussian_filter(img * w, s, mode="nearest")
-    den = ndi.gaussian_filter(w, s, mode="nearest")
+    key = ("den", id(where), round(mm, 3))
+    if key not in ctx.cache:
+        ctx.cache[key] = (where, smooth(where.astype(np.float32), s))   # keep `where` alive
+    den = ctx.cache[key][1]
+    num = smooth(np.where(where, img, 0).astype(np.float32), s)
     return np.where(den > 1e-3, num / np.maximum(den, 1e-3), img)
+
+
+def component_stats(lab: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    """Per-label area, major/minor axis (of the moment-equivalent ellipse), eccentricity and
+    ellipse fill (area / ellipse area; ~1 for compact blobs, low for ragged shapes), for
+    labels 1..n, computed with bincounts."""
+    idx = lab.ravel()
+    sel = idx > 0
+    if n == 0 or not sel.any():
+        z = np.zeros(0)
+        return {"label": z.astype(int), "area": z, "major": z, "minor": z, "ecc": z, "fill": z}
+    yy, xx = np.divmod(np.flatnonzero(sel), lab.shape[1])
+    li = idx[sel]
+    cnt = np.bincount(li, minlength=n + 1).astype(float)
+    sy = np.bincount(li, yy, n + 1); sx = np.bincount(li, xx, n + 1)
+    syy = np.bincount(li, yy * yy, n + 1); sxx = np.bincount(li, xx * xx, n + 1)
+    sxy = np.bincount(li, xx * yy, n + 1)
+    c = np.maximum(cnt, 1)
+    my, mx = sy / c, sx / c
+    vy = syy / c - my * my + 1 / 12; vx = sxx / c - mx * mx + 1 / 12; cxy = sxy / c - mx * my
+    tr = vx + vy; det = np.sqrt(np.maximum((vx - vy) ** 2 + 4 * cxy ** 2, 0))
+    l1 = np.maximum((tr + det) / 2, 1e-9); l2 = np.maximum((tr - det) / 2, 1e-9)
+    major, minor = 4 * np.sqrt(l1), 4 * np.sqrt(l2)
+    ecc = np.sqrt(np.clip(1 - l2 / l1, 0, 1))
+    fill = cnt / (math.pi * major * minor / 4)
+    lbl = np.arange(n + 1)
+    keep = cnt > 0
+    keep[0] = False
+    return {"label": lbl[keep], "area": cnt[keep], "major": major[keep], "minor": minor[keep],
+            "ecc": ecc[keep], "fill": fill[keep]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,10 +157,11 @@ def _valley(ctx: Context, sigmas_mm: tuple[float, ...], where: np.ndarray, key: 
 
 
 def _eroded_skin(ctx: Context, mm: float) -> np.ndarray:
+    """The gap-closed skin mask eroded by ``mm`` (keeps filters away from hair, brows, frames)."""
     key = ("eroded_skin", mm)
     if key not in ctx.cache:
         n = max(1, int(round(ctx.mm(mm))))
-        ctx.cache[key] = ndi.binary_erosion(ctx.skin, iterations=n)
+        ctx.cache[key] = ndi.binary_erosion(ctx.skin_filled, iterations=n)
     return ctx.cache[key]
 
 
@@ -140,7 +175,7 @@ METHODS: dict[str, str] = {
             "coarser >= 0.35 mm proxy below that) deeper than 3 L* below a 1 mm background; count per cm2.",
     "texture": "Robust std of band-passed L* (0.25-1.5 mm difference of Gaussians) on cheek, forehead "
                "and chin skin, with the white-noise contribution (Immerkaer estimate) removed.",
-    "acne": "Raised-redness blobs: a* above its 5 mm background by >= 4, 1-5 mm across, roundish, "
+    "acne": "Raised-redness blobs: a* above its 5 mm background by >= 5, 1.5-5 mm across, roundish, "
             "on skin away from lips and nostrils; count and area.",
     "oiliness": "Specular highlight fraction (L* >= 5 above 3 mm shading and the cheek median, low "
                 "chroma) in the T-zone and U-zone, weighted 0.6/0.4.",
@@ -149,7 +184,7 @@ METHODS: dict[str, str] = {
     "eye_bag": "Vertical L* profile below each lower lid: bulge-to-trough amplitude and trough depth "
                "below the cheek (shading proxy for puffiness).",
     "age_spot": "Brown spots: L* >= max(6, 3 noise) below an 8 mm background, b* not below it, "
-                "components 1-8 mm across; area fraction and count.",
+                "compact components 1-8 mm across away from skin borders; area fraction and count.",
     "dark_circle": "Under-eye band vs upper cheek: delta L* (darkness), with delta a* / delta b* "
                    "for the type (Roh & Chung 2009).",
     "droopy_upper_eyelid": "Proxy MRD1: eye centre (dark blob) to the upper edge of the non-skin "
@@ -162,8 +197,8 @@ METHODS: dict[str, str] = {
                 "roughness (0.3 mm high-pass L*, noise removed) on skin.",
     "redness": "Mean CIELAB a* of cheek, nose, chin and forehead skin (Dawson erythema index and red "
                "area fraction a* > 18 reported).",
-    "tear_trough": "Depth of the L* groove along the medial under-eye line (inner canthus downwards-"
-                   "outwards) below its flanking bands, and its length.",
+    "tear_trough": "L* valley (Hessian, 1-1.8 mm) along the medial under-eye line from the inner "
+                   "canthus downwards-outwards: groove depth and the length where it exceeds 1 L*.",
     "skin_type": "Rules over T/U-zone highlight fractions, the moisture proxy and mean a*: Oily / "
                  "Combination / Dry / Normal, '& Redness' when a* is high.",
 }
@@ -211,7 +246,7 @@ def m_dark_circle(ctx: Context) -> ConcernMeasurement:
     for side in ("l", "r"):
         bs = R[f"under_eye_{side}"] & band
         per_side[side] = _median(ctx.L[ref]) - _median(ctx.L[bs]) if bs.any() else dL
-    raw = decreasing(dL, 8.0, 2.5)
+    raw = decreasing(dL, 6.0, 2.0)
     alpha = np.where(band, np.clip((_median(ctx.L[ref]) - ctx.L - 1.0) / 12.0, 0, 1), 0)
     meas = {"delta_l_star": dL, "delta_a_star": da, "delta_b_star": db,
             "delta_l_star_image_left": per_side["l"], "delta_l_star_image_right": per_side["r"],
@@ -298,11 +333,11 @@ def _wrinkle_map(ctx: Context):
     hi = max(2.0, 2.5 * noise)
     lo = 0.5 * hi
     cand = apply_hysteresis_threshold(np.where(allowed, V, 0), lo, hi)
-    lab = label(cand, connectivity=2)
+    lab, n = ndi.label(cand, structure=np.ones((3, 3), bool))
     keep = np.zeros_like(cand)
-    if lab.max() > 0:
-        props = regionprops_table(lab, properties=("label", "major_axis_length", "minor_axis_length"))
-        maj = props["major_axis_length"]; mnr = props["minor_axis_length"]
+    if n > 0:
+        props = component_stats(lab, n)
+        maj = props["major"]; mnr = props["minor"]
         ok = (maj >= ctx.mm(2.0)) & (mnr <= 0.45 * maj)
         good = np.zeros(lab.max() + 1, bool)
         good[props["label"][ok]] = True
@@ -318,7 +353,7 @@ def m_wrinkle(ctx: Context) -> ConcernMeasurement:
     scores, masks, meas = {}, {}, {}
     alpha = np.where(keep, np.clip(0.35 + V / (3 * hi), 0, 1), 0)
     for region in _regions_of("wrinkle"):
-        reg = R[_WRINKLE_REGIONS[region]] & ctx.skin
+        reg = R[_WRINKLE_REGIONS[region]] & ctx.skin_filled
         area = ctx.area_cm2(reg)
         length_mm = float(skel[reg].sum()) / ctx.ppmm
         dens = length_mm / area if area > 0.05 else 0.0
@@ -344,29 +379,33 @@ def _blobs(L: np.ndarray, where: np.ndarray, ppmm: float, diam_mm: tuple[float, 
            min_depth: float):
     """Dark round blobs: local maxima of sigma^2 * LoG(L*) over space and scale, depth below a
     1 mm background >= ``min_depth``, Hessian eigenvalue ratio >= 0.3 (round, not a line).
-    Returns rows of (y, x, radius_px, depth)."""
+    Computed on the bounding box of ``where``. Returns rows of (y, x, radius_px, depth)."""
     smin = max(0.7, diam_mm[0] / (2 * math.sqrt(2)) * ppmm)
     smax = max(smin * 1.2, diam_mm[1] / (2 * math.sqrt(2)) * ppmm)
     sig = np.geomspace(smin, smax, 4)
-    stack = np.stack([s * s * ndi.gaussian_laplace(L, s, mode="nearest") for s in sig])
+    bb = _bbox(where, int(3 * smax) + 2, L.shape)
+    if bb is None:
+        return np.zeros((0, 4))
+    Lb, wb = L[bb], where[bb]
+    stack = np.stack([s * s * ndi.gaussian_laplace(Lb, s, mode="nearest") for s in sig])
     mx = ndi.maximum_filter(stack, size=(3, 3, 3), mode="nearest")
-    bg = ndi.gaussian_filter(L, max(1.0, ppmm * 1.0), mode="nearest")
-    peaks = (stack == mx) & (stack > 0.5 * min_depth) & where[None]
+    bg = ndi.gaussian_filter(Lb, max(1.0, ppmm * 1.0), mode="nearest")
+    peaks = (stack == mx) & (stack > 0.5 * min_depth) & wb[None]
     k, y, x = np.nonzero(peaks)
     if k.size == 0:
         return np.zeros((0, 4))
-    depth = bg[y, x] - L[y, x]
+    depth = bg[y, x] - Lb[y, x]
     ok = depth >= min_depth
     k, y, x, depth = k[ok], y[ok], x[ok], depth[ok]
     out = []
     for kk in np.unique(k):
         sel = k == kk
         s = sig[kk]
-        l1, l2 = _hessian(L, s)
+        l1, l2 = _hessian(Lb, s)
         ratio = l2[y[sel], x[sel]] / np.maximum(l1[y[sel], x[sel]], 1e-6)
         r = ratio >= 0.3
-        out.append(np.column_stack([y[sel][r], x[sel][r], np.full(r.sum(), s * math.sqrt(2)),
-                                    depth[sel][r]]))
+        out.append(np.column_stack([y[sel][r] + bb[0].start, x[sel][r] + bb[1].start,
+                                    np.full(r.sum(), s * math.sqrt(2)), depth[sel][r]]))
     return np.concatenate(out) if out else np.zeros((0, 4))
 
 
@@ -377,7 +416,7 @@ def m_pore(ctx: Context) -> ConcernMeasurement:
     per_region: dict[str, np.ndarray] = {}
     canvas = np.zeros_like(ctx.L)
     for name in ("forehead", "nose", "cheek"):
-        reg = R[name] & ctx.skin
+        reg = R[name] & ctx.skin_filled
         if resolvable:
             blobs, area = _fine_blobs(ctx, reg, min_depth)
         else:
@@ -439,7 +478,7 @@ def _fine_blobs(ctx: Context, reg: np.ndarray, min_depth: float):
 
 def m_age_spot(ctx: Context) -> ConcernMeasurement:
     R = ctx.regions
-    area = ctx.skin & ~R["nose"] if (ctx.skin & ~R["nose"]).sum() > 20 else ctx.skin
+    area = ctx.skin_filled & ~R["nose"]
     L = ctx.L
     # 8 mm median background on a ~1 px/mm copy
     step = max(1, int(round(ctx.ppmm)))
@@ -452,14 +491,15 @@ def m_age_spot(ctx: Context) -> ConcernMeasurement:
     thr = max(6.0, 3.0 * ctx.noise_l * 0.5)
     dark = bg - Ls
     bmap = _masked_blur(ctx, ctx.b, ctx.skin, 4.0)
-    cand = area & (dark >= thr) & (ctx.b >= bmap - 1.0)
-    lab = label(cand, connectivity=2)
+    cand = area & _eroded_skin(ctx, 1.0) & (dark >= thr) & (ctx.b >= bmap - 1.0)
+    lab, nl = ndi.label(cand, structure=np.ones((3, 3), bool))
     keep = np.zeros_like(cand)
     n = 0
-    if lab.max():
-        props = regionprops_table(lab, properties=("label", "area", "solidity"))
+    if nl:
+        props = component_stats(lab, nl)
         dmm = 2 * np.sqrt(props["area"] / math.pi) / ctx.ppmm
-        ok = (dmm >= 1.0) & (dmm <= 8.0) & (props["solidity"] >= 0.6)
+        ok = ((dmm >= 1.0) & (dmm <= 8.0) & (props["fill"] >= 0.6)
+              & (props["ecc"] <= 0.92))
         good = np.zeros(lab.max() + 1, bool)
         good[props["label"][ok]] = True
         keep = good[lab]
@@ -477,19 +517,18 @@ def m_age_spot(ctx: Context) -> ConcernMeasurement:
 
 def m_acne(ctx: Context) -> ConcernMeasurement:
     R = ctx.regions
-    mouth_ring = ndi.binary_dilation(R["mouth"], iterations=max(1, int(ctx.mm(3))))
-    area = ctx.skin & ~mouth_ring
+    area = ctx.skin & ~R["mouth_ring"] & _eroded_skin(ctx, 1.0)
     a = ctx.a
     bg = _masked_blur(ctx, a, ctx.skin, 5.0)
     res = ndi.gaussian_filter(a, max(0.5, ctx.mm(0.3)), mode="nearest") - bg
-    cand = area & (res >= 4.0)
-    lab = label(cand, connectivity=2)
+    cand = area & (res >= 5.0)
+    lab, nl = ndi.label(cand, structure=np.ones((3, 3), bool))
     keep = np.zeros_like(cand)
     n = 0
-    if lab.max():
-        props = regionprops_table(lab, properties=("label", "area", "eccentricity"))
+    if nl:
+        props = component_stats(lab, nl)
         dmm = 2 * np.sqrt(props["area"] / math.pi) / ctx.ppmm
-        ok = (dmm >= 1.0) & (dmm <= 5.0) & (props["eccentricity"] <= 0.93)
+        ok = (dmm >= 1.5) & (dmm <= 5.0) & (props["ecc"] <= 0.93)
         good = np.zeros(lab.max() + 1, bool)
         good[props["label"][ok]] = True
         keep = good[lab]
@@ -497,25 +536,30 @@ def m_acne(ctx: Context) -> ConcernMeasurement:
     a_cm2 = ctx.area_cm2(area)
     frac = 100.0 * float(keep.sum()) / max(1, int(area.sum()))
     x = n + 2.0 * frac
-    raw = decreasing(x, 8.0, 3.0)
-    alpha = np.where(keep, np.clip(0.4 + (res - 4.0) / 8.0, 0, 1), 0)
+    raw = decreasing(x, 10.0, 4.0)
+    alpha = np.where(keep, np.clip(0.4 + (res - 5.0) / 8.0, 0, 1), 0)
     meas = {"lesion_count": n, "lesion_area_fraction_pct": frac,
             "lesions_per_10cm2": 10.0 * n / a_cm2 if a_cm2 > 0 else 0.0}
     return _result(ctx, "acne", {"whole": raw}, {"whole": ctx.to_mask(alpha)}, meas)
 
 
-def _row_profile(ctx: Context, where: np.ndarray, y_from: float, y_to: float, step: float = 0.03):
+def _row_profile(ctx: Context, where: np.ndarray, y_from: float, y_to: float, step: float = 0.03,
+                 img: np.ndarray | None = None):
+    """Median of ``img`` (default L*) in bins of face-frame Y, gaps interpolated, lightly smoothed."""
+    img = ctx.L if img is None else img
     ys = np.arange(y_from, y_to + 1e-9, step)
-    prof = np.full(len(ys), np.nan)
-    Y = ctx.Y
-    for i, y in enumerate(ys):
-        sel = where & (np.abs(Y - y) <= step / 2)
-        if sel.sum() >= 3:
-            prof[i] = np.median(ctx.L[sel])
+    sel = where & (ctx.Y >= y_from - step / 2) & (ctx.Y < y_to + step / 2)
+    vals = img[sel]
+    idx = np.clip(np.rint((ctx.Y[sel] - y_from) / step).astype(int), 0, len(ys) - 1)
+    order = np.argsort(idx, kind="stable")
+    idx, vals = idx[order], vals[order]
+    starts = np.searchsorted(idx, np.arange(len(ys)))
+    ends = np.searchsorted(idx, np.arange(len(ys)), side="right")
+    prof = np.array([np.median(vals[a:b]) if b - a >= 3 else np.nan for a, b in zip(starts, ends)])
     if np.isnan(prof).all():
         return ys, prof
-    idx = np.arange(len(ys)); ok = ~np.isnan(prof)
-    prof = np.interp(idx, idx[ok], prof[ok])
+    i = np.arange(len(ys)); ok = ~np.isnan(prof)
+    prof = np.interp(i, i[ok], prof[ok])
     return ys, ndi.gaussian_filter1d(prof, 1.0, mode="nearest")
 
 
@@ -528,52 +572,47 @@ def m_eye_bag(ctx: Context) -> ConcernMeasurement:
         ys, prof = _row_profile(ctx, strip, 0.14, 0.66)
         if np.isnan(prof).all():
             continue
-        lower = ys >= 0.25
+        lower = (ys >= 0.25) & (ys <= 0.55)
         it = int(np.flatnonzero(lower)[np.argmin(prof[lower])])
         bulge = float(prof[: it + 1].max())
+        below = float(prof[it:].max())
         trough = float(prof[it])
-        amps.append(bulge - trough)
+        amps.append(min(bulge, below) - trough)     # a real dip: lighter on both sides
         depths.append(ref - trough)
     amp = float(np.mean(amps)) if amps else 0.0
     depth = float(np.mean(depths)) if depths else 0.0
-    x = 0.5 * amp + 0.5 * max(depth, 0.0)
-    raw = decreasing(x, 7.0, 2.5)
+    x = amp + 0.25 * max(depth, 0.0)
+    raw = decreasing(x, 4.0, 1.5)
     reg = R["eye_bag"] & (ctx.Y >= 0.22)
     alpha = np.where(reg, np.clip((ref - ctx.L - 2.0) / 10.0, 0, 1), 0)
-    meas = {"bag_amplitude_l_star": amp, "trough_depth_l_star": depth, "eye_bag_index": x}
+    meas = {"shadow_dip_l_star": amp, "trough_depth_l_star": depth, "eye_bag_index": x}
     return _result(ctx, "eye_bag", {"whole": raw}, {"whole": ctx.to_mask(alpha)}, meas)
 
 
 def m_tear_trough(ctx: Context) -> ConcernMeasurement:
     R = ctx.regions
     X, Y = ctx.X, ctx.Y
+    band = R["tear_trough"] & (ctx.L >= ctx.ref["L"] - 30)
+    V = _valley(ctx, (1.0, 1.8), band, "valley_trough")
     depths, lengths = [], []
-    alpha = np.zeros_like(ctx.L)
-    ok_l = ctx.L >= ctx.ref["L"] - 30
     for side, sg in (("l", -1), ("r", 1)):
         p0 = np.array([sg * 0.26, 0.12]); p1 = np.array([sg * 0.50, 0.46])
-        v = p1 - p0; ln = float(np.hypot(*v)); v = v / ln
-        nrm = np.array([-v[1], v[0]])
-        t = ((X - p0[0]) * v[0] + (Y - p0[1]) * v[1]) / ln
-        d = (X - p0[0]) * nrm[0] + (Y - p0[1]) * nrm[1]
-        base = (t >= 0) & (t <= 1) & R["oval"] & ~R["eye_dil_l"] & ~R["eye_dil_r"] & ok_l
-        groove = base & (np.abs(d) <= 0.05)
-        flank = base & (np.abs(d) >= 0.10) & (np.abs(d) <= 0.20)
-        seg_depth = []
+        v = p1 - p0; ln = float(np.hypot(*v))
+        t = ((X - p0[0]) * v[0] + (Y - p0[1]) * v[1]) / (ln * ln)
+        b = band & R[f"tear_trough_{side}"]
+        seg = []
         for k in range(8):
-            sl = (t >= k / 8) & (t < (k + 1) / 8)
-            g, f = groove & sl, flank & sl
-            if g.sum() >= 2 and f.sum() >= 2:
-                seg_depth.append(float(np.median(ctx.L[f]) - np.median(ctx.L[g])))
-        if seg_depth:
-            depths.append(float(np.mean(seg_depth)))
-            lengths.append(sum(1 for s in seg_depth if s > 1.5) * ln * IPD_MM / 8)
-        fl = np.median(ctx.L[flank]) if flank.any() else ctx.ref["L"]
-        alpha = np.where(groove, np.clip((fl - ctx.L - 0.5) / 8.0, 0, 1), alpha)
+            sl = b & (t >= k / 8) & (t < (k + 1) / 8)
+            if sl.sum() >= 2:
+                seg.append(float(np.percentile(V[sl], 75)))
+        if seg:
+            depths.append(float(np.mean(seg)))
+            lengths.append(sum(1 for d in seg if d > 1.0) * ln * (ctx.ipd / ctx.ppmm) / 8)
     depth = float(np.mean(depths)) if depths else 0.0
     length = float(np.mean(lengths)) if lengths else 0.0
-    x = depth + 0.1 * length
-    raw = decreasing(x, 4.0, 1.5)
+    x = depth + 0.05 * length
+    raw = decreasing(x, 2.5, 0.8)
+    alpha = np.where(band, np.clip(V / 4.0, 0, 1), 0)
     meas = {"groove_depth_l_star": depth, "groove_length_mm": length}
     return _result(ctx, "tear_trough", {"whole": raw}, {"whole": ctx.to_mask(alpha)}, meas)
 
@@ -587,13 +626,9 @@ def _eye_aperture(ctx: Context):
     out = []
     for sg in (-1, 1):
         strip = np.abs(ctx.X - sg * 0.5) <= 0.07
-        ys = np.arange(-0.30, 0.36, 0.015)
-        prof = np.array([np.median(dE[strip & (np.abs(ctx.Y - y) <= 0.0075)])
-                         if (strip & (np.abs(ctx.Y - y) <= 0.0075)).any() else np.nan for y in ys])
+        ys, prof = _row_profile(ctx, strip, -0.30, 0.36, 0.015, img=dE)
         if np.isnan(prof).all():
             out.append((-0.07, 0.08, prof, ys)); continue
-        idx = np.arange(len(ys)); ok = ~np.isnan(prof)
-        prof = np.interp(idx, idx[ok], prof[ok])
         centre = int(np.argmin(np.abs(ys)))
         skin_lvl = float(np.median(prof[ys >= 0.22]))
         peak = float(prof[np.abs(ys) <= 0.05].max())
@@ -605,7 +640,14 @@ def _eye_aperture(ctx: Context):
         bot = centre
         while bot < len(ys) - 1 and inside[bot + 1]:
             bot += 1
-        out.append((float(ys[top]), float(ys[bot]), prof, ys))
+        # sub-bin edges: linear interpolation of the threshold crossing
+        def cross(i_in: int, i_out: int) -> float:
+            if i_out < 0 or i_out >= len(ys) or i_out == i_in:
+                return float(ys[i_in])
+            p_in, p_out = prof[i_in], prof[i_out]
+            f = (p_in - thr) / (p_in - p_out) if p_in != p_out else 0.5
+            return float(ys[i_in] + np.clip(f, 0, 1) * (ys[i_out] - ys[i_in]))
+        out.append((cross(top, top - 1), cross(bot, bot + 1), prof, ys))
     ctx.cache["aperture"] = out
     return out
 

@@ -49,12 +49,13 @@ class GateConfig:
         A second face counts (``error_multiple_people``) if its width is at least this
         fraction of the largest face's width.
     forehead_extension, chin_extension, side_extension
-        The detector's box runs from about the mid forehead to the chin. The face used for the
-        out-of-bound check is the box extended upwards by ``forehead_extension`` x height (to
-        the hairline), downwards by ``chin_extension`` x height and sideways by
-        ``side_extension`` x width.
+        The detector's box runs from about the mid forehead to the chin. For the out-of-bound
+        check a square face box is re-derived from the two eye centres (eyes 0.42 box widths
+        apart and 0.35 below the top; the detector's own box when the eyes are not found),
+        then extended upwards by ``forehead_extension`` x its size (to the hairline),
+        downwards by ``chin_extension`` (to the chin tip) and sideways by ``side_extension``.
     out_of_bound_tolerance
-        How far (fraction of the box height) the extended face may leave the frame before
+        How far (fraction of the box size) the extended face may leave the frame before
         ``error_src_face_out_of_bound``.
     min_neighbors
         Minimum raw cascade windows for a face to count at all (false-positive filter).
@@ -75,8 +76,8 @@ class GateConfig:
     forehead_extension: float = 0.25
     chin_extension: float = 0.08
     side_extension: float = 0.0
-    out_of_bound_tolerance: float = 0.05
-    min_neighbors: int = 3
+    out_of_bound_tolerance: float = 0.02
+    min_neighbors: int = 4
     relative_min_neighbors: float = 0.3
     detect_long_side: int = 480
     min_face_px: int = 36
