@@ -98,11 +98,13 @@ class RetryPolicy:
 class PollSchedule:
     """When to poll a running task: wait ``first`` seconds, then multiply by ``factor`` up to ``cap``.
 
-    The defaults spend few requests on the cloud (tasks take 5-7 s): the first poll at 5 s, then
-    every 1.5x longer, at most every 10 s. The caller's deadline always wins.
+    The defaults spend few requests on the cloud, where polls count against the rate limit:
+    tasks typically finish in 5-7 s, so the first poll at 7 s usually finds the task done (one
+    poll per task); slower tasks are polled 1.5x less often each time, but at least every 10 s.
+    The caller's deadline always wins.
     """
 
-    first: float = 5.0
+    first: float = 7.0
     factor: float = 1.5
     cap: float = 10.0
     minimum: float = 0.05
@@ -652,14 +654,16 @@ class Client:
     def create(self, plan: "SubmissionPlan") -> Task:
         """Create the task of an uploaded plan (billed if it succeeds; never retried if its fate is unknown)."""
         self.upload_plan(plan)
-        payload, _ = self._api("POST", f"/s2s/{self.api_version}/task/skin-analysis", json_body=plan.body(),
-                               safe=False, context="create task")
+        payload, resp = self._api("POST", f"/s2s/{self.api_version}/task/skin-analysis", json_body=plan.body(),
+                                  safe=False, context="create task")
         try:
             task_id = payload["task_id"]
         except (KeyError, TypeError):
             raise errors.ResultFormatError("create task: the answer has no data.task_id") from None
-        return Task(self, task_id, actions=plan.actions, format=plan.format, source=plan.source_info(),
+        task = Task(self, task_id, actions=plan.actions, format=plan.format, source=plan.source_info(),
                     units=plan.units)
+        task.request_id = _request_id(resp)  # the create call's x-request-id (recorded by the ledger)
+        return task
 
     def submit(self, source, actions, *, format: str = "zip", mask_overlay: bool = False,
                miniserver_args: Mapping[str, Any] | None = None, downscale: bool = False,
