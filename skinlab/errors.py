@@ -17,6 +17,7 @@ __all__ = [
     "ConfigurationError",
     "ImageError",
     "InvalidParametersError",
+    "MixedBackendsError",
     "APIError",
     "AuthenticationError",
     "RateLimitError",
@@ -121,6 +122,14 @@ class InvalidParametersError(SkinlabError, ValueError):
 
 class ImageError(InvalidParametersError):
     """The image cannot be sent as it is (format, size, mode); raised before any upload."""
+
+
+class MixedBackendsError(SkinlabError, ValueError):
+    """Local-engine and cloud scores were about to be pooled in one table or series.
+
+    They are different instruments. Select one with ``backend="local"`` / ``backend="cloud"``,
+    or pass ``allow_mixed=True`` to keep both (the ``backend`` column tells them apart).
+    """
 
 
 class APIError(SkinlabError):

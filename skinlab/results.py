@@ -397,11 +397,10 @@ class AnalysisResult:
         return (f"<AnalysisResult {self.tier or '?'} {n} concerns{overall}, backend={self.backend}, "
                 f"engine={self.engine}>")
 
-    def _repr_html_(self) -> str:
-        import html
+    def _repr_html_(self) -> str | None:
+        from .display import repr_html  # status, backend, engine, score table; never an image
 
-        head = html.escape(repr(self))
-        return f"<p>{head}</p>" + self.scores.to_html(index=False, na_rep="")
+        return repr_html(self)
 
 
 def _safe_local_name(name: str) -> str:
