@@ -88,15 +88,26 @@ def _lru_put(store: OrderedDict, key, value, cap: int) -> None:
             store.popitem(last=False)
 
 
+_building: dict[str, threading.Lock] = {}
+
+
 def _context(digest: str, rgb: np.ndarray, face: Face):
     from ._context import build_context
 
     key = f"{digest}:{face.top},{face.left},{face.width},{face.height}"
     ctx = _lru_get(_contexts, key)
-    if ctx is None:
-        ctx = build_context(rgb, face)
-        ctx.cache["full_rgb"] = rgb
-        _lru_put(_contexts, key, ctx, _CONTEXTS_MAX)
+    if ctx is not None:
+        return ctx
+    with _lock:
+        build_lock = _building.setdefault(key, threading.Lock())
+    with build_lock:                      # one build per image, even from several threads
+        ctx = _lru_get(_contexts, key)
+        if ctx is None:
+            ctx = build_context(rgb, face)
+            ctx.cache["full_rgb"] = rgb
+            _lru_put(_contexts, key, ctx, _CONTEXTS_MAX)
+    with _lock:
+        _building.pop(key, None)
     return ctx
 
 
@@ -106,7 +117,10 @@ def _measure_one(digest: str, concern: str, rgb: np.ndarray, face: Face) -> Conc
     if hit is not None:
         return hit
     ctx = _context(digest, rgb, face)
-    with _lock:   # the context's shared scratch cache is not thread-safe
+    with ctx.lock:   # the context's scratch cache is per image; different images run in parallel
+        hit = _lru_get(_results, key)
+        if hit is not None:
+            return hit
         if concern == "skin_type":
             from ._measure import m_skin_type
 

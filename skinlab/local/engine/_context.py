@@ -10,6 +10,7 @@ position and in-plane tilt.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -108,6 +109,7 @@ class Context:
     ref: dict = field(default_factory=dict)
     noise_l: float = 0.0
     cache: dict = field(repr=False, default_factory=dict)
+    lock: threading.RLock = field(repr=False, default_factory=threading.RLock)
 
     # -- helpers ---------------------------------------------------------------------------
     def mm(self, v: float) -> float:

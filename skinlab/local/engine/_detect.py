@@ -196,6 +196,8 @@ def check_image(rgb, *, config: GateConfig | None = None) -> FaceCheck:
         bt = (ya + yb) / 2 - EYE_HEIGHT_IN_BOX * bw
         bl = (xa + xb) / 2 - 0.5 * bw
         details["eye_centres"] = [round(xa, 1), round(ya, 1), round(xb, 1), round(yb, 1)]
+        # in-plane tilt, reported only: yaw and pitch need landmarks, so check 11 is not run
+        details["roll_deg"] = math.degrees(math.atan2(yb - ya, xb - xa))
     details["bounds_from"] = "eyes" if eyes is not None else "detector box"
     top = bt - cfg.forehead_extension * bw
     bottom = bt + (1.0 + cfg.chin_extension) * bw

@@ -15,7 +15,7 @@ from skimage.morphology import skeletonize
 
 from skinlab.actions import CATALOGUE, SKIN_TYPES
 
-from ._context import IPD_MM, Context, rgb_to_lab, robust_std, smooth
+from ._context import Context, rgb_to_lab, robust_std, smooth
 from ._types import ConcernMeasurement
 
 # --------------------------------------------------------------------------------------------
@@ -181,12 +181,12 @@ METHODS: dict[str, str] = {
                 "chroma) in the T-zone and U-zone, weighted 0.6/0.4.",
     "radiance": "Mean skin L*, evenness (robust std of L* minus its 5 mm shading) and colour "
                 "uniformity (std of 2 mm-smoothed a*, b*), combined 0.5/0.3/0.2; ITA reported.",
-    "eye_bag": "Vertical L* profile below each lower lid: bulge-to-trough amplitude and trough depth "
-               "below the cheek (shading proxy for puffiness).",
+    "eye_bag": "Vertical L* profile below each measured lower-lid edge: depth of the shadow dip "
+               "below the lighter skin on both sides, and trough depth below the cheek (shading proxy).",
     "age_spot": "Brown spots: L* >= max(6, 3 noise) below an 8 mm background, b* not below it, "
                 "compact components 1-8 mm across away from skin borders; area fraction and count.",
-    "dark_circle": "Under-eye band vs upper cheek: delta L* (darkness), with delta a* / delta b* "
-                   "for the type (Roh & Chung 2009).",
+    "dark_circle": "Infraorbital skin band below the measured lower-lid edge vs malar cheek: delta L* "
+                   "(darkness), with delta a* / delta b* for the type (Roh & Chung 2009).",
     "droopy_upper_eyelid": "Proxy MRD1: eye centre (dark blob) to the upper edge of the non-skin "
                            "eye aperture (colour distance from cheek skin), in mm via a 63 mm IPD.",
     "droopy_lower_eyelid": "Proxy MRD2: eye centre to the lower edge of the eye aperture in mm "
@@ -233,21 +233,47 @@ def m_redness(ctx: Context) -> ConcernMeasurement:
     return _result(ctx, "redness", {"whole": raw}, {"whole": ctx.to_mask(alpha)}, meas)
 
 
+def _under_eye_band(ctx: Context) -> np.ndarray:
+    """Infraorbital band per eye: from just below the measured lower-lid edge (the aperture's
+    lower edge, clamped to 0.04-0.16 IPD below the eye centre) down 0.22 IPD (~14 mm), 0.30
+    IPD either side of the eye centre; falls back to the geometric band."""
+    if "under_eye_band" in ctx.cache:
+        return ctx.cache["under_eye_band"]
+    R = ctx.regions
+    ap = _eye_aperture(ctx)
+    band = np.zeros_like(ctx.skin)
+    for (top, bot, _, _), side, sg in zip(ap, ("l", "r"), (-1, 1)):
+        edge = float(np.clip(bot, 0.04, 0.16))
+        dx = ctx.X - sg * 0.5
+        # follow the lid's curve: the band's top rises towards the canthi
+        b = ((np.abs(dx) <= 0.30) & (ctx.Y >= edge + 0.02 - 0.35 * dx ** 2) & (ctx.Y <= edge + 0.24)
+             & R["oval"] & ~R[f"eye_{side}"])
+        band |= b
+    # skin only (drops lashes, glasses rims); a dark circle of up to ~20 L* stays skin
+    skin_band = band & ctx.skin
+    band = skin_band if skin_band.sum() >= 0.3 * max(1, band.sum()) else band & (ctx.L >= ctx.ref["L"] - 30)
+    if band.sum() < 10:
+        band = R["under_eye"] & (ctx.L >= ctx.ref["L"] - 30)
+    ctx.cache["under_eye_band"] = band
+    return band
+
+
 def m_dark_circle(ctx: Context) -> ConcernMeasurement:
     R = ctx.regions
-    band = R["under_eye"] & (ctx.L >= ctx.ref["L"] - 30)
+    band = _under_eye_band(ctx)
     ref = R["cheek_ref"] & ctx.skin
     if ref.sum() < 10:
         ref = ctx.skin
-    dL = _median(ctx.L[ref]) - _median(ctx.L[band])
+    l_ref = _median(ctx.L[ref])
+    dL = l_ref - _median(ctx.L[band])
     da = _median(ctx.a[band]) - _median(ctx.a[ref])
     db = _median(ctx.b[band]) - _median(ctx.b[ref])
     per_side = {}
-    for side in ("l", "r"):
-        bs = R[f"under_eye_{side}"] & band
-        per_side[side] = _median(ctx.L[ref]) - _median(ctx.L[bs]) if bs.any() else dL
+    for side, sg in (("l", -1), ("r", 1)):
+        bs = band & (np.sign(ctx.X) == sg)
+        per_side[side] = l_ref - _median(ctx.L[bs]) if bs.any() else dL
     raw = decreasing(dL, 6.0, 2.0)
-    alpha = np.where(band, np.clip((_median(ctx.L[ref]) - ctx.L - 1.0) / 12.0, 0, 1), 0)
+    alpha = np.where(band, np.clip((l_ref - ctx.L - 1.0) / 12.0, 0, 1), 0)
     meas = {"delta_l_star": dL, "delta_a_star": da, "delta_b_star": db,
             "delta_l_star_image_left": per_side["l"], "delta_l_star_image_right": per_side["r"],
             "pigmented_type": float(db > 1.0), "vascular_type": float(da > 1.0)}
@@ -517,7 +543,7 @@ def m_age_spot(ctx: Context) -> ConcernMeasurement:
 
 def m_acne(ctx: Context) -> ConcernMeasurement:
     R = ctx.regions
-    area = ctx.skin & ~R["mouth_ring"] & _eroded_skin(ctx, 1.0)
+    area = ctx.skin_filled & ~R["mouth_ring"] & _eroded_skin(ctx, 1.0)
     a = ctx.a
     bg = _masked_blur(ctx, a, ctx.skin, 5.0)
     res = ndi.gaussian_filter(a, max(0.5, ctx.mm(0.3)), mode="nearest") - bg
@@ -567,24 +593,34 @@ def m_eye_bag(ctx: Context) -> ConcernMeasurement:
     R = ctx.regions
     ref = ctx.ref["L"]
     amps, depths = [], []
-    for side, sg in (("l", -1), ("r", 1)):
-        strip = R[f"eye_bag_{side}"] & (np.abs(ctx.X - sg * 0.5) <= 0.22) & (ctx.L >= ref - 30)
-        ys, prof = _row_profile(ctx, strip, 0.14, 0.66)
+    alpha = np.zeros_like(ctx.L)
+    ap = _eye_aperture(ctx)
+    for (_, bot, _, _), side, sg in zip(ap, ("l", "r"), (-1, 1)):
+        edge = float(np.clip(bot, 0.04, 0.16))          # measured lower-lid edge
+        # gap-closed skin: no lashes or thick rims, but thin shadow lines stay in
+        strip = (R["oval"] & ~R[f"eye_dil_{side}"] & (np.abs(ctx.X - sg * 0.5) <= 0.22)
+                 & ctx.skin_filled & (ctx.L >= ref - 30))
+        ys, prof = _row_profile(ctx, strip, edge + 0.05, edge + 0.56)
         if np.isnan(prof).all():
             continue
-        lower = (ys >= 0.25) & (ys <= 0.55)
+        lower = (ys >= edge + 0.15) & (ys <= edge + 0.45)
         it = int(np.flatnonzero(lower)[np.argmin(prof[lower])])
         bulge = float(prof[: it + 1].max())
         below = float(prof[it:].max())
         trough = float(prof[it])
-        amps.append(min(bulge, below) - trough)     # a real dip: lighter on both sides
+        dip = min(bulge, below) - trough                # a real dip: lighter on both sides
+        amps.append(dip)
         depths.append(ref - trough)
+        # mask: the shadow line under the bag, where darker than the lighter sides
+        y_t = float(ys[it])
+        wide = (R["oval"] & ~R[f"eye_dil_{side}"] & (np.abs(ctx.X - sg * 0.5) <= 0.30)
+                & (np.abs(ctx.Y - y_t) <= 0.08) & ctx.skin_filled)
+        level = min(bulge, below)
+        alpha = np.where(wide, np.clip((level - ctx.L) / max(4.0, 2 * dip), 0, 1), alpha)
     amp = float(np.mean(amps)) if amps else 0.0
     depth = float(np.mean(depths)) if depths else 0.0
     x = amp + 0.25 * max(depth, 0.0)
     raw = decreasing(x, 4.0, 1.5)
-    reg = R["eye_bag"] & (ctx.Y >= 0.22)
-    alpha = np.where(reg, np.clip((ref - ctx.L - 2.0) / 10.0, 0, 1), 0)
     meas = {"shadow_dip_l_star": amp, "trough_depth_l_star": depth, "eye_bag_index": x}
     return _result(ctx, "eye_bag", {"whole": raw}, {"whole": ctx.to_mask(alpha)}, meas)
 
@@ -664,8 +700,10 @@ def m_droopy_upper(ctx: Context) -> ConcernMeasurement:
     raw = increasing(x, 2.5, 0.6)
     alpha = np.zeros_like(ctx.L)
     for (top, _, _, _), sg in zip(ap, (-1, 1)):
-        lid = (np.abs(ctx.X - sg * 0.5) <= 0.30) & (ctx.Y >= top - 0.12) & (ctx.Y <= top + 0.02)
-        alpha = np.where(lid & ctx.regions["oval"], 0.6, alpha)
+        dx = ctx.X - sg * 0.5
+        yl = top + 0.5 * dx ** 2                      # the upper lid arches over the eye
+        lid = (np.abs(dx) <= 0.28) & (ctx.Y >= yl - 0.10) & (ctx.Y <= yl + 0.02)
+        alpha = np.where(lid & ctx.regions["oval"], np.clip(1.0 - (yl - ctx.Y) / 0.12, 0.3, 1.0), alpha)
     meas = {"mrd1_mm": x, "mrd1_mm_image_left": mrd1[0], "mrd1_mm_image_right": mrd1[1]}
     return _result(ctx, "droopy_upper_eyelid", {"whole": raw}, {"whole": ctx.to_mask(alpha)}, meas)
 
@@ -678,8 +716,10 @@ def m_droopy_lower(ctx: Context) -> ConcernMeasurement:
     raw = decreasing(x, 6.5, 0.8)
     alpha = np.zeros_like(ctx.L)
     for (_, bot, _, _), sg in zip(ap, (-1, 1)):
-        lid = (np.abs(ctx.X - sg * 0.5) <= 0.30) & (ctx.Y >= bot - 0.02) & (ctx.Y <= bot + 0.12)
-        alpha = np.where(lid & ctx.regions["oval"], 0.6, alpha)
+        dx = ctx.X - sg * 0.5
+        yl = bot - 0.35 * dx ** 2                     # the lower lid sags in the middle
+        lid = (np.abs(dx) <= 0.28) & (ctx.Y >= yl - 0.02) & (ctx.Y <= yl + 0.10)
+        alpha = np.where(lid & ctx.regions["oval"], np.clip(1.0 - (ctx.Y - yl) / 0.12, 0.3, 1.0), alpha)
     meas = {"mrd2_mm": x, "mrd2_mm_image_left": mrd2[0], "mrd2_mm_image_right": mrd2[1]}
     return _result(ctx, "droopy_lower_eyelid", {"whole": raw}, {"whole": ctx.to_mask(alpha)}, meas)
 
