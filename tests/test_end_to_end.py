@@ -57,7 +57,7 @@ def _check_result(r, names, tier):
     whole = scored[scored.region == "whole"]
     assert r.overall == pytest.approx(whole.ui_score.mean(), abs=1e-6)
     assert isinstance(r.skin_age, int) and 10 <= r.skin_age <= 90
-    assert r.backend == "local" and "skimage" in r.engine and (df.backend == "local").all()
+    assert r.backend == "local" and "face=" in r.engine and (df.backend == "local").all()
     assert r.tier == tier
     base = r.resize_image()
     masks = r.masks

@@ -8,7 +8,6 @@ and scales images whose long side exceeds 2560 px so that the long side is exact
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,15 +76,14 @@ def decode_image(data: bytes) -> DecodedImage:
         ``error_exceed_max_image_size`` when Pillow refuses the pixel count as a decompression bomb.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=["JPEG", "PNG"]) as img:
-                img.load()
-                upright = ImageOps.exif_transpose(img)
-                if upright.mode != "RGB":
-                    if upright.mode == "P" or upright.mode.startswith("I") or upright.mode == "F":
-                        upright = upright.convert("RGBA")
-                    upright = upright.convert("RGB")
+        # No warnings.catch_warnings() here: it is not thread-safe, and this runs in worker threads.
+        with Image.open(io.BytesIO(data), formats=["JPEG", "PNG"]) as img:
+            img.load()
+            upright = ImageOps.exif_transpose(img)
+            if upright.mode != "RGB":
+                if upright.mode == "P" or upright.mode.startswith("I") or upright.mode == "F":
+                    upright = upright.convert("RGBA")
+                upright = upright.convert("RGB")
     except Image.DecompressionBombError:
         raise ImageRejected("error_exceed_max_image_size") from None
     except Exception:  # UnidentifiedImageError, truncated data, broken EXIF, ...

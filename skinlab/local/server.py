@@ -275,6 +275,7 @@ class Task:
     source: Any                   # bytes (or None: never uploaded) or the URL
     hook: str | None
     results_key: str
+    source_sha256: str | None = None  # of the uploaded bytes; kept after the bytes are freed (billing checks)
     last_touch: float = 0.0
     poll500_left: int = 0
     state: str = "running"
@@ -903,7 +904,8 @@ class SkinlabApp:
         task = Task(task_id=self._new_task_id(), owner=key, version=version, names=names, tier=tier,
                     format=fmt, args=dict(args), cost=cost, created_at=now, duration=max(0.0, duration),
                     source_kind=kind, source=payload, hook=hook.group(1) if hook else None,
-                    results_key=self._new_key(), last_touch=now)
+                    results_key=self._new_key(), last_touch=now,
+                    source_sha256=hashlib.sha256(payload).hexdigest() if isinstance(payload, bytes) else None)
         if task.hook == "poll500":
             task.poll500_left = 2
         self._tasks[task.task_id] = task

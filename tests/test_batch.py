@@ -1,0 +1,157 @@
+"""Batch runs on the local backend: rate limit, faults, reuse, the spending guard, Ctrl-C, kill -9."""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+from PIL import Image, ImageEnhance
+
+import skinlab
+from skinlab import errors
+from skinlab.batch import analyze_many, collect_images
+from skinlab.client import Client, PollSchedule, RetryPolicy
+from skinlab.ledger import Ledger
+from skinlab.samples import sample_portrait
+
+FAST = PollSchedule(first=0.02, factor=1.5, cap=0.2, minimum=0.01)
+NO_SLEEP_RETRY = RetryPolicy(base=0.01, cap=0.05)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """Six distinct portraits (brightness variants of the two samples) and one photo the service rejects."""
+    folder = tmp_path_factory.mktemp("cohort")
+    for name, short in (("astronaut", "astronaut"), ("grace_hopper", "hopper")):
+        base = sample_portrait(name, "sd")
+        for i, factor in enumerate((0.95, 1.0, 1.05)):
+            ImageEnhance.Brightness(base).enhance(factor).save(folder / f"{short}_t{i}.jpg", quality=92)
+    sample_portrait("astronaut", crop=False).save(folder / "zz_uncropped.jpg", quality=92)
+    return folder
+
+
+def _client(server, key="batch-key", **kw):
+    return Client(key, base_url=server.url, poll_schedule=FAST, retry=NO_SLEEP_RETRY, rate_limiter=False, **kw)
+
+
+def test_collect_images(cohort, tmp_path):
+    assert [p.name for p in collect_images(cohort)][:2] == ["astronaut_t0.jpg", "astronaut_t1.jpg"]
+    assert len(collect_images(cohort)) == 7
+    with pytest.raises(errors.InvalidParametersError, match="No .jpg"):
+        collect_images(tmp_path)
+
+
+def test_batch_records_all_and_rerun_creates_no_task(cohort, tmp_path):
+    with skinlab.local.serve(task_duration_s=0) as server, _client(server) as client:
+        ledger = Ledger(tmp_path / "study" / "ledger.sqlite")
+        pattern = skinlab.tags.FilenamePattern("{subject}_{timepoint}.jpg")
+        report = analyze_many(cohort, "redness,wrinkle", ledger=ledger, client=client, tags=pattern,
+                              progress=False, max_workers=3)
+        assert report.count("done") == 6 and report.count("failed") == 1
+        assert report.failures == {"error_src_face_too_small": 1}
+        assert report.units_spent == 6 * 9
+        assert "LOCAL" in report.summary() and "failed with error_src_face_too_small: 1" in report.summary()
+        subs = ledger.submissions()
+        assert len(subs) == 7
+        assert set(subs.subject) == {"astronaut", "hopper", "zz"}
+        assert set(subs.timepoint) == {"t0", "t1", "t2", "uncropped"}
+        created = len(server.app.task_ids())
+        again = analyze_many(cohort, "redness,wrinkle", ledger=ledger, client=client, progress=False)
+        assert again.count("reused") == 6 and again.units_spent == 0
+        # the rejected photo is tried again (a failed task is free), the six successes are not
+        assert len(server.app.task_ids()) - created == 1
+
+
+def test_low_rate_limit_no_429_reaches_user(cohort, tmp_path):
+    with skinlab.local.serve(task_duration_s=0, rate_limit=12, rate_window_s=1.0) as server:
+        client = Client("rl-key", base_url=server.url, poll_schedule=FAST,
+                        retry=RetryPolicy(base=0.2, cap=1.0, max_retries_429=8))
+        report = analyze_many(sorted(cohort.glob("astronaut_*.jpg")), "redness", ledger=tmp_path / "l.sqlite",
+                              client=client, progress=False, max_workers=3)
+        assert report.count("done") == 3, report.summary()
+
+
+def test_injected_429_bursts_and_5xx(cohort, tmp_path):
+    with skinlab.local.serve(task_duration_s=0) as server, _client(server) as client:
+        server.faults.rate_limit(4).fail("poll", n=2, status=503)
+        report = analyze_many(sorted(cohort.glob("hopper_*.jpg")), "redness", ledger=tmp_path / "l.sqlite",
+                              client=client, progress=False, max_workers=2)
+        assert report.count("done") == 3, report.summary()
+
+
+def test_dry_run_sends_nothing_billable(cohort, tmp_path):
+    with skinlab.local.serve(task_duration_s=0, initial_units=20) as server, _client(server) as client:
+        report = analyze_many(cohort, "all", ledger=tmp_path / "l.sqlite", client=client, dry_run=True,
+                              progress=False)
+        assert report.dry_run and report.count("planned") == 7
+        assert report.units_estimated == 7 * 16 and report.balance == 20
+        assert "DRY RUN" in report.summary() and "balance is too low" in report.summary()
+        assert server.app.task_ids() == []
+
+
+def test_max_units_stops_before_exceeding(cohort, tmp_path):
+    with skinlab.local.serve(task_duration_s=0) as server, _client(server) as client:
+        report = analyze_many(sorted(cohort.glob("astronaut_*.jpg")), "redness", ledger=tmp_path / "l.sqlite",
+                              client=client, progress=False, max_workers=1, max_units=20)
+        assert report.count("done") == 2 and report.count("skipped") == 1
+        assert report.units_spent == 18 <= 20
+        assert len(server.app.task_ids()) == 2
+
+
+def test_bad_key_stops_the_run(cohort, tmp_path):
+    with skinlab.local.serve(task_duration_s=0, api_keys=["good"]) as server, _client(server, key="bad") as client:
+        report = analyze_many(cohort, "redness", ledger=tmp_path / "l.sqlite", client=client, progress=False,
+                              max_workers=1)
+        assert report.stopped and "AuthenticationError" in report.stopped
+        assert report.count("done") == 0
+
+
+def test_stop_event_stops_new_images(cohort, tmp_path):
+    stop = threading.Event()
+    seen = []
+
+    def on_update(item):
+        seen.append(item.outcome)
+        if item.outcome == "done":
+            stop.set()
+
+    with skinlab.local.serve(task_duration_s=0) as server, _client(server) as client:
+        report = analyze_many(cohort, "redness", ledger=tmp_path / "l.sqlite", client=client, progress=False,
+                              max_workers=1, stop=stop, on_update=on_update)
+    assert report.count("done") == 1 and report.count("interrupted") == 6
+    assert "running" in seen
+
+
+def test_kill_9_midway_then_rerun_bills_no_image_twice(cohort, tmp_path):
+    import hashlib
+    from collections import Counter
+
+    env = {k: v for k, v in os.environ.items() if k not in ("SKINLAB_API_KEY", "YOUCAM_API_KEY")}
+    with skinlab.local.serve(task_duration_s=1.0) as server:
+        ledger_path = tmp_path / "study" / "ledger.sqlite"
+        cmd = [sys.executable, "-m", "skinlab.cli", "analyze", str(cohort), "--actions", "redness",
+               "--ledger", str(ledger_path), "--base-url", server.url, "--out", str(tmp_path / "out"),
+               "--workers", "2"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        deadline = time.monotonic() + 60
+        while len(server.app.task_ids()) < 3 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert len(server.app.task_ids()) >= 3  # it really was midway
+        rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+        assert "Batch on the LOCAL backend" in rerun.stdout, rerun.stdout + rerun.stderr
+        tasks = [server.app.task(t) for t in server.app.task_ids()]
+        billed = Counter(t.source_sha256 for t in tasks if t.state == "success")
+        assert billed and max(billed.values()) == 1, billed  # no image billed twice
+    subs = Ledger(ledger_path).submissions()
+    final = subs.sort_values("submission_id").groupby("image_name").tail(1)
+    assert len(final) == 7
+    for _, row in final.iterrows():
+        ok = row.status == "success" or (row.status == "error" and row.error_code == "error_src_face_too_small")
+        assert ok or (row.status == "ambiguous" and row.next_step), row.to_dict()

@@ -1,0 +1,552 @@
+"""The experiment ledger against the local emulator: recording, reuse, ambiguity, resume, tables, exports."""
+
+import hashlib
+import shutil
+import sqlite3
+import warnings
+
+import pandas as pd
+import pytest
+
+import skinlab
+from skinlab import errors
+from skinlab.actions import estimate_units
+from skinlab.client import Client, PollSchedule
+from skinlab.ledger import (
+    DEIDENTIFIED_DROP, SCORE_COLUMNS, SUBMISSION_COLUMNS, WIDE_INDEX, Ledger, LedgerError, LedgerLocationWarning,
+    LedgerReuseWarning, MixedBackendsError, location_warning,
+)
+from skinlab.local import LocalServer
+
+QUICK = PollSchedule(first=0.05, factor=1.5, cap=0.3, minimum=0.02)
+SECRET_KEY = "sk-ledger-SECRET-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def portrait():
+    return skinlab.sample_portrait("astronaut", "sd")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, portrait):
+    """Distinct JPEGs of the sample portrait (a coloured corner patch makes each one unique)."""
+    from PIL import ImageDraw
+
+    folder = tmp_path_factory.mktemp("photos")
+    paths = []
+    for i in range(8):
+        img = portrait.copy()
+        ImageDraw.Draw(img).rectangle([0, 0, 12, 12], fill=(20 * i, 255 - 20 * i, 90))
+        path = folder / f"S{i:02d}_T0.jpg"
+        img.save(path, quality=95)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A dedicated emulator: some tests arm faults or count tasks."""
+    srv = LocalServer(task_duration_s=0.0, rate_limit=None)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def make_client(server, key=SECRET_KEY):
+    return Client(api_key=key, base_url=server.url, rate_limiter=False, poll_schedule=QUICK)
+
+
+def settle(server, timeout=20.0):
+    """Wait until the emulator's engine has finished every task.
+
+    The emulator runs its engine in threads of this process, and its image decoder enters
+    ``warnings.catch_warnings()``, which is not thread-safe: a test that checks warnings while a
+    task is being analysed in the background can lose them.
+    """
+    import time
+
+    app = server.app
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with app._lock:
+            if all(t.outcome is not None for t in app._tasks.values()):
+                return
+        time.sleep(0.02)
+    raise AssertionError("the emulator did not finish its tasks")
+
+
+def tasks_of(server, key):
+    app = server.app
+    with app._lock:
+        return [t for t in app._tasks.values() if t.owner == key]
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    led = Ledger(tmp_path / "study" / "ledger.sqlite")
+    yield led
+    led.close()
+
+
+# --------------------------------------------------------------------------- recording a submission
+
+
+def test_submit_records_every_field_and_the_scores(ledger, server, photos):
+    key = "k-record"
+    client = make_client(server, key)
+    path = photos[0]
+    sub = ledger.submit(client, str(path), ["wrinkle", "pore", "redness", "skin_type"],
+                        tags={"subject": "S00", "timepoint": "T0", "condition": "placebo", "site": "A"})
+    assert sub.status == "success" and not sub.reused
+    row = ledger.submissions().iloc[0]
+    assert row.image_name == path.name
+    assert row.image_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert row.image_size == path.stat().st_size
+    assert (row.image_width, row.image_height) == (600, 800)
+    assert row.source_key == f"sha256:{row.image_sha256}"
+    assert row.backend == "local" and row.engine.startswith("skinlab-local")
+    assert row.base_url == server.url and row.api_version == "v2.0"
+    assert row.actions == "wrinkle,pore,redness,skin_type" and row.tier == "sd" and row.format == "zip"
+    assert row.miniserver_args == "{}"
+    assert row.task_id and row.file_id and row.task_state == "success"
+    assert row.units_estimated == row.units_charged == estimate_units(["wrinkle", "pore", "redness", "skin_type"])
+    assert row.created_at <= row.task_created_at <= row.completed_at
+    assert row.request_ids and all(r.isdigit() for r in row.request_ids.split(","))
+    assert (row.subject, row.timepoint, row.condition, row.tag_site) == ("S00", "T0", "placebo", "A")
+    assert row.next_step is None and row.error_code is None
+    # the emulator billed exactly the estimate, once
+    assert server.app.balance(key) == server.app.config.initial_units - row.units_charged
+    # results stored relative to the study folder
+    assert row.result_dir == f"results/{sub.id:06d}"
+    folder = ledger.root / row.result_dir
+    assert {"scores.csv", "result.json", "wrinkle_output.png", "resize_image.jpg"} <= {p.name for p in folder.iterdir()}
+    # the scores table holds the result's scores
+    tidy = ledger.scores()
+    assert len(tidy) == len(sub.result.scores) == 6  # skin type has three regions
+    assert tidy["submission_id"].eq(sub.id).all()
+    merged = tidy.merge(sub.result.scores, on=["action", "region"], suffixes=("", "_r"))
+    assert (merged["raw_score"].fillna(-1) == merged["raw_score_r"].fillna(-1)).all()
+    assert set(tidy.loc[tidy.action == "skin_type", "region"]) == {"whole", "t_zone", "u_zone"}
+    assert tidy.loc[tidy.action == "skin_type", "skin_type"].notna().all()
+    assert sub.result.mask("wrinkle").size == sub.result.resize_image().size
+
+
+def test_same_submission_is_reused_across_restarts_and_force_bills_again(tmp_path, server, photos):
+    key = "k-reuse"
+    client = make_client(server, key)
+    db = tmp_path / "ledger.sqlite"
+    look = Ledger(db).lookup(client, photos[1], ["wrinkle", "pore"])
+    assert look.decision == "new" and look.creates_task and look.units == estimate_units(["wrinkle", "pore"])
+    assert len(Ledger(db)) == 0  # a lookup records nothing
+    first = Ledger(db).submit(client, photos[1], ["wrinkle", "pore"])
+    look = Ledger(db).lookup(client, photos[1], ["pore", "wrinkle"])
+    assert look.reusable and look.submission_id == first.id and "reused" in look.note
+    assert first.status == "success"
+    n_tasks, balance = len(tasks_of(server, key)), server.app.balance(key)
+    # a new process (new Ledger, new client), actions in another order: reused, nothing created
+    other = make_client(server, key)
+    led2 = Ledger(db)
+    with pytest.warns(LedgerReuseWarning, match="reused and nothing was billed"):
+        again = led2.submit(other, str(photos[1]), ["pore", "wrinkle"])
+    assert again.reused and again.id == first.id and again.status == "success"
+    assert again.result.score("wrinkle") == first.result.score("wrinkle")
+    assert len(tasks_of(server, key)) == n_tasks and server.app.balance(key) == balance
+    assert len(led2) == 1
+    # a different format or argument is a different submission
+    other_fmt = led2.submit(client, photos[1], ["wrinkle", "pore"], format="json")
+    assert not other_fmt.reused and other_fmt.id != first.id
+    assert len(tasks_of(server, key)) == n_tasks + 1
+    # force=True creates (and bills) a new task
+    forced = led2.submit(client, photos[1], ["wrinkle", "pore"], force=True)
+    assert forced.status == "success" and not forced.reused and forced.id not in (first.id, other_fmt.id)
+    assert len(tasks_of(server, key)) == n_tasks + 2
+    assert server.app.balance(key) == balance - 2 * estimate_units(["wrinkle", "pore"])
+
+
+def test_failed_task_is_recorded_unbilled_and_can_be_raised(ledger, server, photos):
+    key = "k-error"
+    client = make_client(server, key)
+    sub = ledger.submit(client, photos[2], ["wrinkle"], file_name="x__error_no_face__.jpg")
+    assert sub.status == "error" and sub.error_code == "error_no_face"
+    assert sub.units_charged == 0 and sub.task_id
+    assert "frontal photo" in sub.next_step and "Not billed" in sub.next_step
+    assert server.app.balance(key) == server.app.config.initial_units
+    # a failed task does not block a new attempt (failed tasks are free); raise_on_error raises the class
+    with pytest.raises(errors.NoFaceError):
+        ledger.submit(client, photos[2], ["wrinkle"], file_name="y__error_no_face__.jpg", raise_on_error=True)
+    assert list(ledger.submissions()["status"]) == ["error", "error"]
+
+
+def test_upload_failure_is_recorded_and_raised(ledger, server, photos):
+    client = make_client(server, "k-upload")
+    client.retry.max_retries_5xx = 0
+    server.faults.fail("storage_put", n=1, status=503)
+    with pytest.raises(errors.UploadError):
+        ledger.submit(client, photos[3], ["pore"])
+    row = ledger.submissions().iloc[0]
+    assert row.status == "error" and row.task_id is None and row.units_charged == 0
+    assert "No task was created" in row.error_message
+    assert ledger.submit(client, photos[3], ["pore"]).status == "success"  # the retry is allowed
+
+
+def test_lost_create_answer_is_ambiguous_never_resent_and_resolvable(ledger, server, photos):
+    key = "k-lost"
+    client = make_client(server, key)
+    server.faults.lose_create_response(n=1)
+    with pytest.warns(LedgerReuseWarning, match="answer was lost"):
+        sub = ledger.submit(client, photos[4], ["texture"])
+    assert sub.status == "ambiguous" and sub.error_code == "create_fate_unknown" and sub.task_id is None
+    assert "ledger.resolve" in sub.next_step and "YouCam console" in sub.next_step
+    created = tasks_of(server, key)
+    assert len(created) == 1  # the service did create it
+    settle(server)
+    with pytest.warns(LedgerReuseWarning, match="ambiguous, so nothing was sent"):
+        again = ledger.submit(client, photos[4], ["texture"])
+    assert again.reused and again.status == "ambiguous" and len(tasks_of(server, key)) == 1
+    with pytest.warns(UserWarning, match="never re-sent automatically"):
+        report = ledger.resume(client)
+    assert report.loc[report.submission_id == sub.id, "status"].item() == "ambiguous"
+    # the user finds the task in the console and attaches it
+    ledger.resolve(sub.id, task_id=created[0].task_id)
+    ledger.resume(client)
+    done = ledger.get(sub.id)
+    assert done.status == "success" and done.units_charged == estimate_units(["texture"])
+    assert len(tasks_of(server, key)) == 1
+    with pytest.raises(LedgerError, match="not ambiguous"):
+        ledger.resolve(sub.id, created=False)
+
+
+def test_create_refused_is_an_error_not_ambiguous(ledger, server, photos):
+    client = make_client(server, "k-refused")
+    client.retry.max_retries_429 = 0
+    server.faults.rate_limit(n=1, route="create")
+    with pytest.raises(errors.RateLimitError):
+        ledger.submit(client, photos[5], ["acne"])
+    row = ledger.submissions().iloc[0]
+    assert row.status == "error" and row.error_code is not None and row.units_charged == 0
+    assert ledger.submit(client, photos[5], ["acne"]).status == "success"
+
+
+def test_timeout_keeps_the_task_and_resubmit_or_resume_collect_it(tmp_path, photos):
+    with LocalServer(task_duration_s=1.0, rate_limit=None) as slow:
+        client = make_client(slow, "k-slow")
+        led = Ledger(tmp_path / "ledger.sqlite")
+        with pytest.warns(UserWarning, match="timeout"):
+            sub = led.submit(client, photos[6], ["oiliness"], timeout=0.2)
+        assert sub.status == "timeout" and sub.task_id and "resume" in sub.next_step
+        settle(slow)
+        # re-submitting waits for the same task instead of creating one
+        with pytest.warns(LedgerReuseWarning, match="waiting for it"):
+            again = led.submit(client, photos[6], ["oiliness"], timeout=10)
+        assert again.reused and again.id == sub.id and again.status == "success"
+        assert len(tasks_of(slow, "k-slow")) == 1
+        # wait=False, then resume
+        nowait = led.submit(client, photos[7], ["oiliness"], wait=False)
+        assert nowait.status == "running"
+        report = led.resume(client, timeout=10)
+        assert report.set_index("submission_id").loc[nowait.id, "status"] == "success"
+        assert led.get(nowait.id).result.score("oiliness") is not None
+        led.close()
+
+
+def test_resume_refetches_missing_results(ledger, server, photos):
+    client = make_client(server, "k-refetch")
+    sub = ledger.submit(client, photos[0], ["moisture"])
+    score = sub.result.score("moisture")
+    shutil.rmtree(sub.result_dir)
+    report = ledger.resume(client)
+    assert list(report.submission_id) == [sub.id] and report.status.item() == "success"
+    assert (sub.result_dir / "result.json").exists()
+    assert ledger.get(sub.id).result.score("moisture") == score
+
+
+def test_failed_download_keeps_the_task_and_resume_fetches_fresh_urls(ledger, server, photos):
+    from skinlab.client import RetryPolicy
+
+    client = make_client(server, "k-download")
+    client.retry = RetryPolicy(base=0.0, sleep=lambda s: None)
+    server.faults.fail("storage_get", n=50, status=500)
+    with pytest.warns(UserWarning, match="could not be downloaded"):
+        sub = ledger.submit(client, photos[1], ["tear_trough"])
+    server.faults.clear()
+    assert sub.status == "running" and sub.error_code == "download_failed"
+    assert sub.row["task_state"] == "success" and sub.units_charged == estimate_units(["tear_trough"])
+    assert "billed" in sub.next_step and "fresh result URLs" in sub.next_step
+    server.faults.expire_urls()  # the URLs of that poll are stale by now anyway
+    report = ledger.resume(client)
+    assert report.status.item() == "success" and report.before.item() == "running"
+    done = ledger.get(sub.id)
+    assert done.error_code is None and done.result.score("tear_trough") is not None
+    assert len(tasks_of(server, "k-download")) == 1
+
+
+def test_orphaned_rows_of_dead_processes_are_marked_interrupted(ledger, server, photos):
+    client = make_client(server, "k-orphan")
+    ledger.submit(client, photos[0], ["radiance"], wait=False)
+    ledger.resume(client)
+    with ledger._tx() as cur:  # a row a killed process left behind while uploading
+        cur.execute("UPDATE submissions SET status='uploading', task_id=NULL, owner='%s:999999999:dead'"
+                    % __import__("socket").gethostname())
+    report = ledger.resume(client)
+    assert report.iloc[0].status == "error" and report.iloc[0].error_code == "interrupted"
+    assert "submit it again" in report.iloc[0].next_step
+
+
+def test_api_key_is_never_stored(tmp_path, server, photos):
+    led = Ledger(tmp_path / "ledger.sqlite")
+    client = make_client(server, SECRET_KEY)
+    led.submit(client, photos[1], ["eye_bag"], tags={"subject": "S1"})
+    server.faults.lose_create_response(n=1)
+    with pytest.warns(LedgerReuseWarning):
+        led.submit(client, photos[2], ["eye_bag"])
+    led.close()
+    blobs = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    assert SECRET_KEY.encode() not in blobs
+    assert SECRET_KEY[-16:].encode() not in blobs
+    assert b"eye_bag" in blobs  # the grep does see the database contents
+
+
+# --------------------------------------------------------------------------- tables and exports
+
+
+def _fake_result(backend, engine, actions=("wrinkle", "pore"), value=50.0):
+    return {"task_id": f"t-{backend}-{value}", "format": "zip", "tier": "sd", "backend": backend, "engine": engine,
+            "api_version": "v2.0", "overall": value, "skin_age": 30,
+            "scores": [{"action": a, "region": "whole", "raw_score": value + i, "ui_score": int(value) + i,
+                        "skin_type": None} for i, a in enumerate(actions)]}
+
+
+def test_columns_are_stable(ledger):
+    assert SUBMISSION_COLUMNS == [
+        "submission_id", "created_at", "updated_at", "status", "image_name", "image_path", "image_sha256",
+        "image_size", "image_width", "image_height", "source_kind", "source_key", "preflight", "backend", "base_url",
+        "api_version", "engine", "actions", "tier", "miniserver_args", "format", "pf_camera_kit", "file_id", "task_id",
+        "task_created_at", "task_state", "completed_at", "last_polled_at", "error_code", "error_message", "next_step",
+        "request_ids", "units_estimated", "units_charged", "result_dir", "overall", "skin_age",
+        "subject", "timepoint", "condition"]
+    assert SCORE_COLUMNS == [
+        "submission_id", "created_at", "completed_at", "image_name", "image_sha256", "subject", "timepoint",
+        "condition", "backend", "engine", "api_version", "tier", "format", "task_id",
+        "action", "concern", "region", "raw_score", "ui_score", "skin_type"]
+    assert WIDE_INDEX == ["submission_id", "created_at", "image_name", "image_sha256", "subject", "timepoint",
+                          "condition", "backend", "engine", "tier"]
+    ledger.record(_fake_result("local", "skinlab-local 1"), image_name="a.jpg", tags={"subject": "S1", "visit": "2"})
+    assert list(ledger.submissions().columns) == SUBMISSION_COLUMNS + ["tag_visit"]
+    assert list(ledger.scores().columns) == SCORE_COLUMNS + ["tag_visit"]
+    wide = ledger.wide()
+    assert list(wide.columns) == WIDE_INDEX + ["tag_visit", "overall", "skin_age", "wrinkle", "pore"]
+    # empty selections keep the columns
+    assert list(ledger.submissions(status="running").columns)[:len(SUBMISSION_COLUMNS)] == SUBMISSION_COLUMNS
+    assert list(ledger.scores(subject="nobody").columns)[:len(SCORE_COLUMNS)] == SCORE_COLUMNS
+    # the module docstring documents every column
+    doc = skinlab.ledger.__doc__
+    for col in SUBMISSION_COLUMNS + SCORE_COLUMNS:
+        assert col in doc, col
+
+
+def test_filters(ledger):
+    ledger.record(_fake_result("local", "e1", value=10), image_name="a.jpg",
+                  tags={"subject": "S1", "timepoint": "T0", "site": "A"})
+    ledger.record(_fake_result("local", "e1", value=20), image_name="b.jpg",
+                  tags={"subject": "S1", "timepoint": "T1", "site": "B"})
+    ledger.record(_fake_result("local", "e1", value=30), image_name="c.jpg", tags={"subject": "S2", "timepoint": "T0"})
+    assert list(ledger.submissions(subject="S1").image_name) == ["a.jpg", "b.jpg"]
+    assert list(ledger.submissions(timepoint=["T1"]).image_name) == ["b.jpg"]
+    assert list(ledger.submissions(tags={"site": "B"}).image_name) == ["b.jpg"]
+    assert list(ledger.submissions(tags={"site": ["A", "B"]}).image_name) == ["a.jpg", "b.jpg"]
+    assert len(ledger.submissions(status="success", backend="local")) == 3
+    assert len(ledger.submissions(status="error")) == 0
+    assert len(ledger.submissions(since="2000-01-01", until=pd.Timestamp.now(tz="UTC") + pd.Timedelta("1h"))) == 3
+    assert len(ledger.submissions(since=pd.Timestamp.now(tz="UTC") + pd.Timedelta("1h"))) == 0
+    tidy = ledger.scores(subject="S2")
+    assert set(tidy["raw_score"]) == {30.0, 31.0} and set(tidy["concern"]) == {"wrinkle", "pore"}
+    assert tidy["ui_score"].dtype == "Int64" and str(tidy["created_at"].dtype).startswith("datetime64")
+    assert set(ledger.scores(actions="pore")["action"]) == {"pore"} and len(ledger.scores(actions=["pore"])) == 3
+    with pytest.raises(LedgerError, match="Unknown action or concern"):
+        ledger.scores(actions=["wrinkles"])
+    full, compact = ledger.scores(), ledger.scores(compact=True)
+    assert isinstance(compact["action"].dtype, pd.CategoricalDtype) and compact["subject"].dtype == "category"
+    assert compact["raw_score"].tolist() == full["raw_score"].tolist()
+    assert compact["subject"].astype(str).tolist() == full["subject"].tolist()
+    with pytest.raises(LedgerError, match="Unknown filter"):
+        ledger.submissions(colour="red")
+    with pytest.raises(LedgerError, match="Unknown status"):
+        ledger.submissions(status="done")
+
+
+def test_local_and_cloud_scores_are_never_pooled_silently(ledger):
+    ledger.record(_fake_result("local", "skinlab-local 0.1.0; face=x", value=10), image_name="a.jpg")
+    ledger.record(_fake_result("cloud", "youcam-skin-analysis v2.0", value=70), image_name="a.jpg")
+    with pytest.raises(MixedBackendsError, match="backend='cloud' or backend='local'"):
+        ledger.scores()
+    with pytest.raises(MixedBackendsError):
+        ledger.wide()
+    assert set(ledger.scores(backend="local")["backend"]) == {"local"}
+    assert set(ledger.wide(backend="cloud")["wrinkle"]) == {70.0}
+    both = ledger.scores(allow_mixed=True)
+    assert set(both["backend"]) == {"local", "cloud"} and len(both) == 4
+    ledger.record(_fake_result("local", "skinlab-local 0.2.0; face=y", value=12), image_name="b.jpg")
+    with pytest.warns(UserWarning, match="2 engine versions"):
+        ledger.scores(backend="local")
+
+
+def test_wide_pivot_regions_and_skin_type(ledger):
+    result = _fake_result("cloud", "youcam-skin-analysis v2.0", actions=("hd_wrinkle",), value=40)
+    result["tier"] = "hd"
+    result["scores"] += [{"action": "hd_wrinkle", "region": "forehead", "raw_score": 41.5, "ui_score": 41},
+                         {"action": "hd_skin_type", "region": "whole", "skin_type": "Oily"},
+                         {"action": "hd_skin_type", "region": "t_zone", "skin_type": "Dry"}]
+    ledger.record(result, image_name="hd.jpg", tags={"subject": "S9"})
+    wide = ledger.wide()
+    row = wide.iloc[0]
+    assert (row.hd_wrinkle, row.hd_wrinkle_forehead) == (40.0, 41.5)
+    assert (row.hd_skin_type, row.hd_skin_type_t_zone) == ("Oily", "Dry")
+    assert row.subject == "S9" and row.overall == 40 and row.skin_age == 30
+    assert ledger.wide(value="ui_score").iloc[0].hd_wrinkle_forehead == 41
+
+
+def test_exports_and_deidentification(tmp_path, ledger, server, photos):
+    pytest.importorskip("pyarrow")
+    client = make_client(server, "k-export")
+    # an image inside the study folder is stored by relative path
+    inside = ledger.root / "photos" / "Alice_Smith_T0.jpg"
+    inside.parent.mkdir()
+    shutil.copy(photos[3], inside)
+    ledger.submit(client, inside, ["firmness"], tags={"subject": "P01"})
+    assert ledger.submissions().image_path.item() == "photos/Alice_Smith_T0.jpg"
+    csv = ledger.export(tmp_path / "out" / "scores.csv")
+    back = pd.read_csv(csv)
+    assert list(back.columns) == SCORE_COLUMNS and back.image_name.item() == "Alice_Smith_T0.jpg"
+    pq = ledger.export(tmp_path / "out" / "subs.parquet", "submissions")
+    assert list(pd.read_parquet(pq).columns) == SUBMISSION_COLUMNS
+    sha = ledger.submissions().image_sha256.item()
+    for name in ("submissions", "scores", "wide"):
+        for suffix in ("csv", "parquet"):
+            out = ledger.export(tmp_path / "deid" / f"{name}.{suffix}", name, deidentify=True, salt="pepper")
+            blob = out.read_bytes()
+            assert b"Alice" not in blob and b"photos/" not in blob and str(ledger.root).encode() not in blob
+            assert sha.encode() not in blob
+            df = pd.read_csv(out) if suffix == "csv" else pd.read_parquet(out)
+            assert not set(DEIDENTIFIED_DROP) & set(df.columns)
+            assert "P01" in set(df["subject"])
+    unsalted = ledger.table("submissions", deidentify=True)
+    assert unsalted.image_sha256.item() == sha and "task_id" not in unsalted.columns
+    salted = ledger.table("submissions", deidentify=True, salt="pepper")
+    assert salted.image_sha256.item() not in (sha, ledger.table("submissions", deidentify=True, salt="other")
+                                              .image_sha256.item())
+    with pytest.raises(LedgerError, match="csv or .parquet"):
+        ledger.export(tmp_path / "x.xlsx")
+
+
+def test_study_folder_can_be_moved(tmp_path, server, photos):
+    study = tmp_path / "study"
+    led = Ledger(study / "ledger.sqlite")
+    sub = led.submit(make_client(server, "k-move"), photos[4], ["age_spot"])
+    score = sub.result.score("age_spot")
+    led.close()
+    moved = tmp_path / "elsewhere" / "study2"
+    moved.parent.mkdir()
+    shutil.move(str(study), str(moved))
+    led2 = Ledger(moved / "ledger.sqlite")
+    assert led2.get(sub.id).result_dir == moved / f"results/{sub.id:06d}"
+    assert led2.result(sub.id).score("age_spot") == score
+    led2.close()
+
+
+def test_schema_version_and_migrations(tmp_path):
+    db = tmp_path / "ledger.sqlite"
+    led = Ledger(db)
+    assert led.schema_version == skinlab.ledger.SCHEMA_VERSION == 1
+    led.record(_fake_result("local", "e"), image_name="a.jpg")
+    led.close()
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert [r[0] for r in con.execute("SELECT version FROM schema_migrations")] == [1]
+    assert con.execute("SELECT action, region, raw_score FROM score_rows ORDER BY action").fetchall() == [
+        ("pore", "whole", 51.0), ("wrinkle", "whole", 50.0)]
+    con.close()
+    assert len(Ledger(db)) == 1  # reopening migrates nothing and keeps the rows
+    con = sqlite3.connect(db)
+    con.execute("INSERT INTO schema_migrations VALUES (7, 'from the future', 0, '9.9')")
+    con.commit()
+    con.close()
+    with pytest.raises(LedgerError, match="newer than this skinlab"):
+        Ledger(db)
+
+
+def test_location_warning(tmp_path, monkeypatch):
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/sda1 / ext4 rw 0 0\nserver:/export /mnt/lab nfs4 rw 0 0\n"
+                      "//nas/share /mnt/my\\040share cifs rw 0 0\n")
+    assert "nfs4" in location_warning("/mnt/lab/study/ledger.sqlite", mounts_file=str(mounts))
+    assert "cifs" in location_warning("/mnt/my share/ledger.sqlite", mounts_file=str(mounts))
+    assert location_warning("/home/me/study/ledger.sqlite", mounts_file=str(mounts)) is None
+    assert "cloud-synced" in location_warning("/Users/me/Library/CloudStorage/OneDrive-Lab/x.sqlite")
+    assert "cloud-synced" in location_warning("C:/Users/me/Dropbox/study/ledger.sqlite")
+    with pytest.warns(LedgerLocationWarning, match="cloud-synced"):
+        Ledger(tmp_path / "Google Drive" / "study" / "ledger.sqlite").close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Ledger(tmp_path / "plain" / "ledger.sqlite").close()
+
+
+def test_record_and_submission_objects(ledger, tmp_path):
+    img = tmp_path / "x.jpg"
+    img.write_bytes(b"\xff\xd8fake")
+    sub = ledger.record(_fake_result("local", "e"), image=img, tags={"subject": "S3", "arm": "B"})
+    assert sub.status == "success" and sub.image_sha256 == hashlib.sha256(b"\xff\xd8fake").hexdigest()
+    assert sub.tags == {"subject": "S3", "arm": "B"}
+    assert "success" in repr(sub) and "1 success" in repr(ledger)
+    ledger.tag(sub.id, timepoint="T2", arm=None)
+    assert ledger.get(sub.id).tags == {"subject": "S3", "timepoint": "T2"}
+    summary = ledger.summary()
+    assert summary.to_dict("records") == [{"backend": "local", "status": "success", "submissions": 1,
+                                           "units_charged": 9}]
+    with pytest.raises(LedgerError, match="no saved result"):
+        ledger.result(sub.id)  # recorded from a dict: scores only, no results folder
+    with pytest.raises(LedgerError, match="No submission 999"):
+        ledger.get(999)
+
+
+def test_a_create_in_flight_in_another_thread_is_waited_for_not_repeated(ledger, server, photos):
+    import threading
+    import time
+
+    key = "k-inflight"
+    server.faults.slow("create", 1.0, n=1)
+    first = {}
+    worker = threading.Thread(target=lambda: first.update(
+        sub=ledger.submit(make_client(server, key), photos[6], ["droopy_upper_eyelid"])))
+    worker.start()
+    end = time.monotonic() + 10
+    while ledger.submissions(status="ambiguous").empty and time.monotonic() < end:
+        time.sleep(0.02)
+    row = ledger.submissions().iloc[0]
+    assert row.status == "ambiguous" and row.error_code == "create_unconfirmed"
+    assert row.next_step.startswith("A create request is being sent")
+    assert ledger.resume(make_client(server, key)).empty  # an in-flight create is not listed as ambiguous
+    other = Ledger(ledger.path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LedgerReuseWarning)
+        second = other.submit(make_client(server, key), photos[6], ["droopy_upper_eyelid"], timeout=20)
+    worker.join(20)
+    assert first["sub"].status == "success" and not first["sub"].reused
+    assert second.reused and second.status == "success" and second.id == first["sub"].id
+    assert len(tasks_of(server, key)) == 1
+    other.close()
+
+
+def test_submit_many_records_each_and_skips_bad_files(ledger, server, photos, tmp_path):
+    client = make_client(server, "k-many")
+    missing = tmp_path / "nope" / "missing.jpg"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        table = ledger.submit_many(client, [photos[2], missing, photos[3], photos[2]], ["redness"],
+                                   tags=skinlab.tags.FilenamePattern("{subject}_{timepoint}.jpg"))
+    assert list(table["status"]) == ["success", "success"]  # the repeat is the same submission
+    assert list(table["subject"]) == ["S02", "S03"]
+    texts = [str(w.message) for w in caught]
+    assert any("skipped missing.jpg" in t for t in texts)
+    assert any("reused and nothing was billed" in t for t in texts)
+    assert len(tasks_of(server, "k-many")) == 2
