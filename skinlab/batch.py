@@ -132,6 +132,16 @@ class BatchReport:
         return self.summary()
 
 
+def _sentences(*parts: str | None) -> str:
+    """Join message parts as sentences."""
+    out = []
+    for p in parts:
+        if p:
+            p = p.strip()
+            out.append(p if p[-1:] in ".!?" else p + ".")
+    return " ".join(out)
+
+
 def _progress(total: int, enabled: bool):
     if not enabled:
         return None
@@ -287,7 +297,7 @@ def _run(report: BatchReport, sources, names, ledger, client, tags, force, optio
         else:
             item.outcome = "failed"
             item.reason = sub.error_code or sub.status
-            item.error = " ".join(x for x in (sub.error_message, sub.next_step) if x) or sub.status
+            item.error = _sentences(sub.error_message, sub.next_step) or sub.status
         return item
 
     pool = ThreadPoolExecutor(max_workers=max(1, max_workers), thread_name_prefix="skinlab-batch")

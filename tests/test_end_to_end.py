@@ -164,7 +164,9 @@ def test_cli_reports_failures_and_bad_actions(tmp_path, monkeypatch, capsys, por
     photo = tmp_path / "subject 01.jpg"
     photo.write_bytes(portraits["astronaut", "original"])
     assert main(["analyze", str(photo), "--actions", "redness", "--out", str(tmp_path)]) == 1
-    assert "FAILED" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "subject 01.jpg: failed" in out and "too small. Crop the photo" in out
+    assert "failed with error_src_face_too_small: 1" in out
     assert main(["analyze", str(photo), "--actions", "rednes"]) == 2
     assert "Did you mean 'redness'" in capsys.readouterr().out
 
