@@ -103,7 +103,9 @@ def _polygon_mask(shape, pts) -> np.ndarray:
 
 def test_identity():
     assert isinstance(ENGINE_VERSION, str) and ENGINE_VERSION.count(".") == 2
-    assert FACE_BACKEND == "skimage-lbp-cascade"
+    # the backend in use is named (landmarks, or the loudly labelled cascade fallback)
+    assert FACE_BACKEND in ("mediapipe-face-landmarker", "skimage-lbp-cascade(FALLBACK:no-landmark-model)")
+    assert ENGINE_VERSION.endswith("+landmarks" if FACE_BACKEND.startswith("mediapipe") else "+cascade-fallback")
     assert set(CONCERN_METHODS) == set(CONCERNS)
     assert all(isinstance(v, str) and 20 < len(v) < 250 and "\n" not in v for v in CONCERN_METHODS.values())
 
@@ -208,10 +210,11 @@ def test_forehead_cut_off_is_out_of_bound(crops):
     assert chk.error == "error_src_face_out_of_bound"
 
 
-def test_head_angle_is_never_claimed_but_roll_is_measured(crops):
+def test_head_angle_is_checked_with_landmarks_only_and_roll_is_measured(crops):
     img = crops[("astronaut", "sd")]
     chk = check_image(img)
-    assert chk.details["head_angle_checked"] is False
+    # the cascade fallback cannot measure yaw or pitch and never claims the check
+    assert chk.details["head_angle_checked"] is FACE_BACKEND.startswith("mediapipe")
     base = chk.details["roll_deg"]
     for angle in (-6, 6):     # PIL rotates counter-clockwise: the eye line tilts by -angle
         rot = np.asarray(Image.fromarray(img).rotate(angle, resample=Image.BICUBIC))
@@ -259,8 +262,11 @@ def test_all_concerns_measured(analyses, crops, name, tier):
         assert m.measurements and all(isinstance(v, float) and math.isfinite(v) for v in m.measurements.values())
         if c in PROXIES:
             assert m.proxy is True
-    for c in ("redness", "wrinkle", "pore", "texture", "dark_circle"):
+    for c in ("redness", "wrinkle", "texture", "dark_circle"):
         assert A.concerns[c].proxy is False
+    # pores: a measurement at >= 8 px/mm, else the labelled coarser-scale proxy (issue 5)
+    pore = A.concerns["pore"]
+    assert pore.proxy is (pore.measurements["pore_resolvable"] == 0.0)
 
 
 def test_scores_differ_between_people(analyses):
@@ -390,7 +396,14 @@ def test_phantom_pores_are_counted(big_astronaut):
     before = analyze(big_astronaut, ["pore"]).concerns["pore"]
     after = analyze(ph, ["pore"]).concerns["pore"]
     added = after.measurements["pore_count_cheek"] - before.measurements["pore_count_cheek"]
-    assert 0.7 * len(pts) <= added <= 1.1 * len(pts)
+    # only the pits that land on cheek skin can count (landmark cheeks are smaller than the spread)
+    cheek = ctx.regions["cheek"] & ctx.skin_filled
+    on_cheek = 0
+    for X, Y in pts:
+        x, y = frame_to_work(ctx, X, Y)
+        on_cheek += bool(cheek[int(round(y)), int(round(x))])
+    assert on_cheek >= 30
+    assert 0.7 * on_cheek <= added <= 1.1 * on_cheek
     assert 0.15 <= after.measurements["pore_mean_diameter_mm_cheek"] <= 0.45
     assert after.scores["cheek"] < before.scores["cheek"]
     # the nose and forehead did not change
@@ -490,8 +503,10 @@ def test_forehead_lines_worsen_forehead_wrinkles(crops, analyses, name):
     key = "wrinkle_len_mm_per_cm2_forehead"
     assert after.measurements[key] > before.measurements[key]
     assert after.scores["forehead"] < before.scores["forehead"]
-    # the lines are on the forehead only: the crow's feet do not change
-    assert after.scores["crowfeet"] == pytest.approx(before.scores["crowfeet"], abs=1e-6)
+    # the lines are on the forehead only: the crow's feet do not change (beyond the small
+    # shift of the landmark regions that any edit of the pixels may cause)
+    tol = 2.5 if FACE_BACKEND.startswith("mediapipe") else 1e-6
+    assert after.scores["crowfeet"] == pytest.approx(before.scores["crowfeet"], abs=tol)
 
 
 def test_shadow_line_under_the_eyes_worsens_eye_bags(crops, analyses):

@@ -2,7 +2,11 @@
 
 Measures skin concerns from the pixels of one upright RGB photo, with classical image
 analysis (CIELAB colour, Hessian ridge filters, blob detection, geometry) placed on a face
-found by scikit-image's bundled LBP frontal-face cascade. Nothing here knows about HTTP.
+found by mediapipe's Face Landmarker (478 landmarks, head pose; model fetched and verified by
+``skinlab fetch-model`` or at first use), or, when that is unavailable, by scikit-image's
+bundled LBP frontal-face cascade (a loudly warned fallback). ``FACE_BACKEND`` and
+``ENGINE_VERSION`` name the backend actually in use, and every result records them. Nothing
+here knows about HTTP.
 
 The numbers are measurements with documented score mappings; they are **not clinically
 validated** (see ``docs/engine-methods.md``).
@@ -30,11 +34,43 @@ from ._types import Analysis, ConcernMeasurement, Face, FaceCheck, GateConfig, M
 __all__ = [
     "ENGINE_VERSION", "FACE_BACKEND", "CONCERN_METHODS", "Face", "GateConfig", "FaceCheck", "Mask",
     "ConcernMeasurement", "Analysis", "detect_faces", "check_image", "analyze", "ui_score",
-    "clear_cache",
+    "clear_cache", "fetch_model", "reset_face_backend", "use_landmark_model",
 ]
 
-ENGINE_VERSION = "0.1.0"
-FACE_BACKEND = "skimage-lbp-cascade"
+#: The engine's own version; ``ENGINE_VERSION`` appends the face backend in use.
+ENGINE_BASE_VERSION = "0.2.0"
+
+from ._landmarks import LandmarkFallbackWarning, backend_name as _backend_name  # noqa: E402
+from ._model import fetch_model  # noqa: E402
+
+
+def __getattr__(name: str):
+    # resolved at first access (which may fetch the landmark model), never at import
+    if name == "FACE_BACKEND":
+        return _backend_name()
+    if name == "ENGINE_VERSION":
+        return ENGINE_BASE_VERSION + ("+landmarks" if _backend_name() == "mediapipe-face-landmarker"
+                                      else "+cascade-fallback")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def use_landmark_model(path) -> str:
+    """Switch the engine to the verified model file ``path`` (no fetching), or to the cascade
+    fallback with ``None``; forgets every cached result. Returns the new ``FACE_BACKEND``."""
+    from ._landmarks import use_model
+
+    name = use_model(path)
+    clear_cache()
+    return name
+
+
+def reset_face_backend() -> None:
+    """Close the landmarker, forget the backend choice and every cached result; the next use
+    chooses again (after ``fetch_model()`` or a change of ``SKINLAB_LANDMARK_MODEL``)."""
+    from ._landmarks import reset
+
+    reset()
+    clear_cache()
 
 from ._measure import FUNCS as _FUNCS, METHODS as _METHODS  # noqa: E402
 
@@ -170,5 +206,5 @@ def analyze(rgb, concerns: Iterable[str], *, check: FaceCheck | None = None) -> 
     age_parts = {c: out.get(c) or _measure_one(digest, c, rgb, face) for c in SKIN_AGE_INPUTS}
     ctx = _context(digest, rgb, face)
     return Analysis(concerns=out, skin_age=_skin_age(age_parts), face=check,
-                    engine_version=ENGINE_VERSION, face_backend=FACE_BACKEND,
+                    engine_version=__getattr__("ENGINE_VERSION"), face_backend=__getattr__("FACE_BACKEND"),
                     px_per_mm=float(ctx.ppmm_full))

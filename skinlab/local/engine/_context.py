@@ -1,10 +1,15 @@
 """Per-image working context: the face crop at a capped working scale, CIELAB planes, the
-eye positions, a face coordinate frame and the geometric regions built in it.
+eye positions, a face coordinate frame, the regions and the skin gate.
 
-Face frame: origin at the midpoint of the two eye centres, X along the eye line towards
-image right, Y perpendicular pointing down (towards the chin), unit = the distance between
-the eye centres (IPD). All regions are defined in this frame, so they follow the face's size,
-position and in-plane tilt.
+With landmarks (``face.landmarks`` set): the physical scale comes from the iris (11.7 mm
+visible iris diameter), colour is white-balanced on the sclera (:mod:`._color`) and the regions
+are landmark polygons (:mod:`._regions`). Without (cascade fallback): the scale comes from a
+population-mean eye distance, colour is uncorrected, and the regions are geometric shapes in
+the face frame.
+
+Face frame: origin at the midpoint of the two eye centres (iris centres with landmarks), X
+along the eye line towards image right, Y perpendicular pointing down (towards the chin),
+unit = the distance between the eye centres (IPD).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
 
+from ._color import lin_to_lab, sclera_white_balance
 from ._detect import srgb_to_linear
 from ._types import Face, Mask
 
@@ -29,22 +35,13 @@ WORK_PX_PER_MM = 3.5
 #: Default eye centres in detector-box units (u across, v down), used when refinement fails.
 DEFAULT_EYES = ((0.29, 0.35), (0.71, 0.35))
 
-_M_XYZ = np.array([[0.4124564, 0.3575761, 0.1804375],
-                   [0.2126729, 0.7151522, 0.0721750],
-                   [0.0193339, 0.1191920, 0.9503041]], np.float32)
-_WHITE = np.array([0.95047, 1.0, 1.08883], np.float32)
 
 
 def rgb_to_lab(rgb01: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """float32 sRGB in [0,1] (HxWx3) -> (L*, a*, b*, linear RGB), D65, float32."""
     lin = srgb_to_linear(rgb01)
-    xyz = lin @ _M_XYZ.T / _WHITE
-    d = np.float32(6 / 29)
-    f = np.where(xyz > d ** 3, np.cbrt(xyz), xyz / (3 * d * d) + np.float32(4 / 29))
-    L = 116 * f[..., 1] - 16
-    a = 500 * (f[..., 0] - f[..., 1])
-    b = 200 * (f[..., 1] - f[..., 2])
-    return L.astype(np.float32), a.astype(np.float32), b.astype(np.float32), lin
+    L, a, b = lin_to_lab(lin)
+    return L, a, b, lin
 
 
 def smooth(img: np.ndarray, sigma: float) -> np.ndarray:
@@ -108,6 +105,18 @@ class Context:
     loose_skin: np.ndarray = field(repr=False, default=None)
     ref: dict = field(default_factory=dict)
     noise_l: float = 0.0
+    #: "landmarks" or "cascade"
+    backend: str = "cascade"
+    #: (478, 2) landmark x, y in work pixels; None in the cascade fallback
+    landmarks: np.ndarray | None = field(repr=False, default=None)
+    pose: dict | None = None
+    blendshapes: dict | None = field(repr=False, default=None)
+    #: horizontal iris diameters in full-res pixels, per side ("l" = image left)
+    iris_px: dict | None = None
+    #: white balance report (gains, sclera colour before correction); {} when not applied
+    wb: dict = field(default_factory=dict)
+    #: uncorrected (L*, a*, b*) when white balance changed the colour, else the same planes
+    raw_lab: tuple | None = field(repr=False, default=None)
     cache: dict = field(repr=False, default_factory=dict)
     lock: threading.RLock = field(repr=False, default_factory=threading.RLock)
 
@@ -188,6 +197,74 @@ def _refine_eyes(L: np.ndarray, fx: tuple[float, float, float, float]):
 
 
 def build_context(rgb: np.ndarray, face: Face) -> Context:
+    """The working context of ``face`` in ``rgb`` (landmark construction when the face has
+    landmarks, else the geometric fallback)."""
+    if getattr(face, "landmarks", None) is not None:
+        return _build_landmark_context(rgb, face)
+    return _build_cascade_context(rgb, face)
+
+
+#: Crop margins around the landmark mesh box: above (hairline), below, either side; fractions
+#: of the box height / width.
+CROP_MARGINS = (0.15, 0.05, 0.08)
+
+
+def _build_landmark_context(rgb: np.ndarray, face: Face) -> Context:
+    from ._regions import IRIS_DIAMETER_MM, build_landmark_regions, iris_diameters
+
+    H, W = rgb.shape[:2]
+    P = np.asarray(face.landmarks, np.float64)
+    mt, mb = P[:468, 1].min(), P[:468, 1].max()
+    ml, mr = P[:468, 0].min(), P[:468, 0].max()
+    fh, fw = mb - mt, mr - ml
+    y0 = max(0, int(math.floor(mt - CROP_MARGINS[0] * fh)))
+    y1 = min(H, int(math.ceil(mb + CROP_MARGINS[1] * fh)))
+    x0 = max(0, int(math.floor(ml - CROP_MARGINS[2] * fw)))
+    x1 = min(W, int(math.ceil(mr + CROP_MARGINS[2] * fw)))
+    crop = rgb[y0:y1, x0:x1]
+    iris = iris_diameters(P)
+    ppmm_full = float(np.mean(list(iris.values()))) / IRIS_DIAMETER_MM
+    s = min(1.0, WORK_PX_PER_MM / ppmm_full)
+    ch, cw = crop.shape[:2]
+    if s < 1.0:
+        size = (max(1, round(cw * s)), max(1, round(ch * s)))
+        crop = np.asarray(Image.fromarray(crop).resize(size, Image.BILINEAR))
+    hw, ww = crop.shape[:2]
+    sy, sx = hw / ch, ww / cw
+    # full-res (x, y) -> work: inverse of Context.full_res_pixel
+    Q = np.empty((P.shape[0], 2))
+    Q[:, 0] = (P[:, 0] - x0 + 0.5) * sx - 0.5
+    Q[:, 1] = (P[:, 1] - y0 + 0.5) * sy - 0.5
+    rgb01 = crop.astype(np.float32) / 255.0
+    lin = srgb_to_linear(rgb01)
+    L, a, b = lin_to_lab(lin)
+    eyes = ((float(Q[468, 0]), float(Q[468, 1])), (float(Q[473, 0]), float(Q[473, 1])))
+    (xa, ya), (xb, yb) = eyes
+    ipd = math.hypot(xb - xa, yb - ya)
+    ppmm = ppmm_full * sx
+    ctx = Context(face=face, shape=(H, W), box=(y0, x0, y1, x1), sy=sy, sx=sx, rgb=rgb01,
+                  L=L, a=a, b=b, lin=lin, eyes=eyes, eyes_refined=True, ipd=ipd,
+                  roll_deg=math.degrees(math.atan2(yb - ya, xb - xa)), ppmm=ppmm,
+                  ppmm_full=ppmm_full,
+                  scale_source=f"iris diameter / {IRIS_DIAMETER_MM:g} mm (mean adult visible iris)",
+                  backend="landmarks", landmarks=Q, pose=dict(face.pose or {}),
+                  blendshapes=dict(face.blendshapes or {}), iris_px=iris)
+    _build_frame(ctx)
+    ctx.regions = build_landmark_regions(L.shape, Q, ppmm, ipd)
+    # white balance on the sclera, then every colour plane from the corrected linear RGB
+    ref = ctx.regions["cheek_ref"]
+    skin_lab = tuple(float(np.median(v[ref])) for v in (L, a, b)) if ref.any() else None
+    gains, wb = sclera_white_balance(lin, L, ctx.regions["sclera_l"] | ctx.regions["sclera_r"], skin_lab)
+    ctx.wb = wb
+    ctx.raw_lab = (L, a, b)
+    if wb["wb_applied"]:
+        ctx.lin = lin * gains
+        ctx.L, ctx.a, ctx.b = lin_to_lab(ctx.lin)
+    _build_skin(ctx)
+    return ctx
+
+
+def _build_cascade_context(rgb: np.ndarray, face: Face) -> Context:
     H, W = rgb.shape[:2]
     fw, fh = face.width, face.height
     # the face oval spans about u = 0..1, v = -0.2..1.07 of the detector box; keep a margin
@@ -222,6 +299,7 @@ def build_context(rgb: np.ndarray, face: Face) -> Context:
                   L=L, a=a, b=b, lin=lin, eyes=eyes, eyes_refined=refined, ipd=ipd,
                   roll_deg=math.degrees(math.atan2(yb - ya, xb - xa)), ppmm=ppmm,
                   ppmm_full=ppmm / sx, scale_source=source)
+    ctx.raw_lab = (L, a, b)
     _build_frame(ctx)
     _build_regions(ctx)
     _build_skin(ctx)
@@ -315,20 +393,63 @@ def _build_skin(ctx: Context) -> None:
     mL, ma, mb, mh = (float(np.median(v[ref])) for v in (L, a, b, hue))
     sL, sa, sb, sh = (robust_std(v[ref]) for v in (L, a, b, hue))
     # asymmetric bounds: redder (higher a*, lower hue) and darker-brown skin stays in, while
-    # hair (yellower hue, low a*, high b*), hats, glasses frames and background drop out
+    # hair (yellower hue, low a*, high b*), hats, glasses frames and background drop out; b*
+    # may fall further than it may rise (lit skin - forehead, nose - is less yellow than the
+    # cheek in many photos)
+    # with landmarks, lips are excluded by their polygon, so the red side can stay open enough
+    # that flushed or inflamed skin is measured, not gated out (the fallback's lip ellipse is
+    # approximate: there, strongly red pixels are taken for lips)
+    red_a, red_hue = (25.0, 35.0) if ctx.landmarks is not None else (12.0, 20.0)
     skin = (R["face"]
-            & (a >= ma - max(2.5 * sa, 4.5)) & (a <= ma + max(4.0 * sa, 12.0))
-            & (np.abs(b - mb) <= max(3.0 * sb, 7.0))
-            & (hue >= mh - max(4.0 * sh, 20.0)) & (hue <= mh + max(3.0 * sh, 12.0))
+            & (a >= ma - max(2.5 * sa, 4.5)) & (a <= ma + max(4.0 * sa, red_a))
+            & (b >= mb - max(4.0 * sb, 14.0)) & (b <= mb + max(3.0 * sb, 9.0))
+            & (hue >= mh - max(4.0 * sh, red_hue)) & (hue <= mh + max(3.0 * sh, 12.0))
             & (L >= mL - max(20.0, 4 * sL)) & (L <= mL + 30.0))
+    frames = _glasses_frames(ctx, skin)
+    R["glasses"] = frames
     # keep bright low-chroma pixels too (specular highlights) in a loose skin mask
-    loose = R["face"] & (skin | (L >= mL))
+    loose = R["face"] & (skin | (L >= mL)) & ~frames
     ctx.skin = skin
     # thin or small non-skin gaps (deep lines, spots, pores gated out by colour) closed again,
-    # so that a dark wrinkle does not remove itself from the area it is measured in
+    # so that a dark wrinkle does not remove itself from the area it is measured in (but a
+    # glasses frame is not closed back in)
     k = max(1, int(round(1.2 * ctx.ppmm)))
     filled = ndi.binary_closing(skin, iterations=k, border_value=0) | skin
-    ctx.skin_filled = filled & R["face"]
+    ctx.skin_filled = filled & R["face"] & ~frames
     ctx.loose_skin = loose
-    ctx.ref = {"L": mL, "a": ma, "b": mb, "hue": mh, "sL": sL, "sa": sa, "sb": sb, "shue": sh}
+    ctx.ref = {"L": mL, "a": ma, "b": mb, "hue": mh, "sL": sL, "sa": sa, "sb": sb, "shue": sh,
+               "glasses": float(frames.any())}
+
+
+#: A non-skin component around the eyes at least this long (mm) is taken for a glasses frame.
+GLASSES_MIN_LENGTH_MM = 22.0
+
+
+def _glasses_frames(ctx: Context, skin: np.ndarray) -> np.ndarray:
+    """Glasses frames: non-skin components within ~16 mm of the eyes (eyes, lashes and brows
+    themselves excluded) that are long (major axis >= GLASSES_MIN_LENGTH_MM) and thin (minor
+    axis <= 0.3 x major), dilated by 0.7 mm. Wrinkles are shorter; brow hair is excluded by
+    the brow masks. Frames the colour of skin (clear or amber rims) are not found."""
+    from ._regions import dilate
+
+    R = ctx.regions
+    eyes = R.get("eye_l", np.zeros_like(skin)) | R.get("eye_r", np.zeros_like(skin))
+    if not eyes.any():
+        return np.zeros_like(skin)
+    zone = dilate(eyes, ctx.mm(16.0)) & R["oval"]
+    cand = zone & ~skin & ~(R["eye_dil_l"] | R["eye_dil_r"] | R["brow_l"] | R["brow_r"])
+    lab, n = ndi.label(cand, structure=np.ones((3, 3), bool))
+    keep = np.zeros(n + 1, bool)
+    for i, sl in enumerate(ndi.find_objects(lab), start=1):
+        if sl is None:
+            continue
+        yy, xx = np.nonzero(lab[sl] == i)
+        if yy.size < 10:
+            continue
+        cov = np.cov(np.vstack([xx, yy]).astype(float)) + np.eye(2) / 12
+        ev = np.sort(np.linalg.eigvalsh(cov))
+        major, minor = 4 * math.sqrt(max(ev[1], 0)), 4 * math.sqrt(max(ev[0], 0))
+        keep[i] = major >= ctx.mm(GLASSES_MIN_LENGTH_MM) and minor <= 0.3 * major
+    frames = keep[lab]
+    return dilate(frames, ctx.mm(0.7)) & R["oval"] if frames.any() else frames
     ctx.noise_l = noise_sigma(L, skin)

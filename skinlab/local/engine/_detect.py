@@ -1,4 +1,10 @@
-"""Face detection (scikit-image's bundled LBP frontal-face cascade) and the image checks."""
+"""Face detection and the image checks (contract §5.4, checks 6-11).
+
+Two backends, chosen once per process by :mod:`._landmarks`: mediapipe's Face Landmarker
+(478 landmarks and the head pose) when the verified model is available, else scikit-image's
+bundled LBP frontal-face cascade (boxes only: the head-angle check cannot run). The choice is
+recorded in ``FaceCheck.details["face_backend"]``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import threading
 import numpy as np
 from PIL import Image
 
+from ._landmarks import backend_name, landmarker
 from ._types import Face, FaceCheck, GateConfig
 
 __all__ = ["detect_faces", "check_image", "as_rgb", "srgb_to_linear", "lightness"]
@@ -127,9 +134,21 @@ def _detect(rgb: np.ndarray, cfg: GateConfig, want_small: bool = False):
     return (faces, info) + ((lstar, s) if want_small else ())
 
 
+def _face_from_landmarks(fl) -> Face:
+    t, l_, b, r = fl.bbox
+    return Face(top=int(math.floor(t)), left=int(math.floor(l_)), height=int(round(b - t)),
+                width=int(round(r - l_)), score=1.0, landmarks=fl.points,
+                pose={"yaw": fl.yaw, "pitch": fl.pitch, "roll": fl.roll}, blendshapes=fl.blendshapes)
+
+
 def detect_faces(rgb, *, config: GateConfig | None = None) -> list[Face]:
-    """Faces in an upright HxWx3 uint8 RGB image, largest first."""
-    return _detect(as_rgb(rgb), config or GateConfig())[0]
+    """Faces in an upright HxWx3 uint8 RGB image, largest first (with landmarks and pose when
+    the landmark backend is in use)."""
+    rgb = as_rgb(rgb)
+    lm = landmarker()
+    if lm is not None:
+        return [_face_from_landmarks(f) for f in lm.detect(rgb)]
+    return _detect(rgb, config or GateConfig())[0]
 
 
 def _skin_lightness(rgb: np.ndarray, face: Face) -> float:
@@ -169,15 +188,91 @@ def check_image(rgb, *, config: GateConfig | None = None) -> FaceCheck:
     ``min_face_width_fraction`` -> ``error_src_face_too_small``; 8 the face extended to the
     hairline and chin leaves the frame -> ``error_src_face_out_of_bound``; 9 median skin L*
     below ``dark_threshold_l`` -> ``error_lighting_dark``; 10 a second face at least
-    ``second_face_min_ratio`` as wide -> ``error_multiple_people``; 11 head angle: not
-    measurable with a box detector, never returned (needs landmarks).
+    ``second_face_min_ratio`` as wide -> ``error_multiple_people``; 11 |yaw|, |pitch| or
+    |roll| above ``max_yaw_deg`` / ``max_pitch_deg`` / ``max_roll_deg`` ->
+    ``error_large_face_angle`` (landmark backend only; the cascade fallback cannot measure
+    yaw or pitch and never returns it).
     """
     cfg = config or GateConfig()
     rgb = as_rgb(rgb)
+    lm = landmarker()
+    if lm is not None:
+        return _check_landmarks(rgb, cfg, lm)
+    return _check_cascade(rgb, cfg)
+
+
+def _landmark_skin_lightness(rgb: np.ndarray, P: np.ndarray) -> float:
+    """Median L* of the cheeks and nose (landmark polygons), on a copy ~200 px across the face."""
+    from ._regions import CHEEK, NOSE, Raster
+
+    H, W = rgb.shape[:2]
+    x0, x1 = int(max(0, np.floor(P[:468, 0].min()))), int(min(W, np.ceil(P[:468, 0].max()) + 1))
+    y0, y1 = int(max(0, np.floor(P[:468, 1].min()))), int(min(H, np.ceil(P[:468, 1].max()) + 1))
+    if x1 - x0 < 4 or y1 - y0 < 4:
+        return float("nan")
+    step = max(1, (x1 - x0) // 200)
+    sub = rgb[y0:y1:step, x0:x1:step]
+    Q = (P[:, :2] - (x0, y0)) / step
+    rs = Raster(sub.shape[:2], Q, 1.0)
+    m = rs.hull(CHEEK["l"]) | rs.hull(CHEEK["r"]) | rs.hull(NOSE)
+    if m.sum() < 10:
+        return float("nan")
+    return float(np.median(lightness(sub[m])))
+
+
+def _check_landmarks(rgb: np.ndarray, cfg: GateConfig, lm) -> FaceCheck:
+    H, W = rgb.shape[:2]
+    found = lm.detect(rgb)
+    details: dict = {"image_height": H, "image_width": W, "n_faces": len(found),
+                     "face_backend": backend_name(), "head_angle_checked": False}
+    if not found:
+        return FaceCheck("error_no_face", [], None, details)
+    faces = [_face_from_landmarks(f) for f in found]
+    fl = found[0]
+    t, l_, b, r = fl.bbox
+    fw, fh = r - l_, b - t
+    frac = fw / W
+    details["face_width_fraction"] = frac
+    details["min_face_width_fraction"] = cfg.min_face_width_fraction
+    P = fl.points
+    details["eye_centres"] = [round(float(v), 1) for v in (P[468, 0], P[468, 1], P[473, 0], P[473, 1])]
+    details["eye_line_roll_deg"] = math.degrees(math.atan2(P[473, 1] - P[468, 1], P[473, 0] - P[468, 0]))
+    details.update(yaw_deg=fl.yaw, pitch_deg=fl.pitch, roll_deg=fl.roll)
+    blink = [fl.blendshapes.get("eyeBlinkLeft", 0.0), fl.blendshapes.get("eyeBlinkRight", 0.0)]
+    details["eye_blink"] = [round(v, 3) for v in blink]
+    details["eyes_closed"] = bool(max(blink) > 0.5)
+    if frac < cfg.min_face_width_fraction:
+        return FaceCheck("error_src_face_too_small", faces, frac, details)
+    top = t - cfg.landmark_forehead_extension * fh
+    bottom = b + cfg.landmark_chin_extension * fh
+    overflow = max(0.0, -top, bottom - H, -l_, r - W) / fw
+    details["bounds_from"] = "landmarks"
+    details["out_of_bound_fraction"] = overflow
+    if overflow > cfg.out_of_bound_tolerance:
+        return FaceCheck("error_src_face_out_of_bound", faces, frac, details)
+    skin_l = _landmark_skin_lightness(rgb, P)
+    details["skin_l_median"] = skin_l
+    details["dark_threshold_l"] = cfg.dark_threshold_l
+    if not skin_l >= cfg.dark_threshold_l:
+        return FaceCheck("error_lighting_dark", faces, frac, details)
+    if len(faces) > 1:
+        ratio = (found[1].bbox[3] - found[1].bbox[1]) / fw
+        details["second_face_ratio"] = ratio
+        if ratio >= cfg.second_face_min_ratio:
+            return FaceCheck("error_multiple_people", faces, frac, details)
+    details["head_angle_checked"] = True
+    details["max_angles_deg"] = [cfg.max_yaw_deg, cfg.max_pitch_deg, cfg.max_roll_deg]
+    if not (abs(fl.yaw) <= cfg.max_yaw_deg and abs(fl.pitch) <= cfg.max_pitch_deg
+            and abs(fl.roll) <= cfg.max_roll_deg):
+        return FaceCheck("error_large_face_angle", faces, frac, details)
+    return FaceCheck(None, faces, frac, details)
+
+
+def _check_cascade(rgb: np.ndarray, cfg: GateConfig) -> FaceCheck:
     H, W = rgb.shape[:2]
     faces, det, lstar, s = _detect(rgb, cfg, want_small=True)
     details: dict = {"image_height": H, "image_width": W, **det, "n_faces": len(faces),
-                     "head_angle_checked": False}
+                     "face_backend": backend_name(), "head_angle_checked": False}
     if not faces:
         return FaceCheck("error_no_face", [], None, details)
     f = faces[0]

@@ -7,15 +7,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage as ndi
-from skimage.draw import disk
-from skimage.filters import apply_hysteresis_threshold
-from skimage.morphology import skeletonize
 
 from skinlab.actions import CATALOGUE, SKIN_TYPES
 
-from ._context import Context, rgb_to_lab, robust_std, smooth
+from ._context import Context, robust_std, smooth
 from ._types import ConcernMeasurement
 
 # --------------------------------------------------------------------------------------------
@@ -168,43 +164,34 @@ def _eroded_skin(ctx: Context, mm: float) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # concerns
 
-METHODS: dict[str, str] = {
-    "wrinkle": "Dark-line (Sato-style Hessian valley) response of L* at 0.35-0.6 mm, hysteresis "
-               "threshold, elongated components >= 2 mm kept; skeleton length per cm2 of skin per region.",
-    "pore": "Dark round blobs (scale-normalised LoG of L*, 0.1-0.5 mm diameters at >= 8 px/mm; a "
-            "coarser >= 0.35 mm proxy below that) deeper than 3 L* below a 1 mm background; count per cm2.",
-    "texture": "Robust std of band-passed L* (0.25-1.5 mm difference of Gaussians) on cheek, forehead "
-               "and chin skin, with the white-noise contribution (Immerkaer estimate) removed.",
-    "acne": "Raised-redness blobs: a* above its 5 mm background by >= 5, 1.5-5 mm across, roundish, "
-            "on skin away from lips and nostrils; count and area.",
+METHODS: dict[str, str] = {   # + FINE_METHODS (wrinkle, pore, texture, age_spot, acne) below
     "oiliness": "Specular highlight fraction (L* >= 5 above 3 mm shading and the cheek median, low "
                 "chroma) in the T-zone and U-zone, weighted 0.6/0.4.",
     "radiance": "Mean skin L*, evenness (robust std of L* minus its 5 mm shading) and colour "
                 "uniformity (std of 2 mm-smoothed a*, b*), combined 0.5/0.3/0.2; ITA reported.",
     "eye_bag": "Vertical L* profile below each measured lower-lid edge: depth of the shadow dip "
                "below the lighter skin on both sides, and trough depth below the cheek (shading proxy).",
-    "age_spot": "Brown spots: L* >= max(6, 3 noise) below an 8 mm background, b* not below it, "
-                "compact components 1-8 mm across away from skin borders; area fraction and count.",
-    "dark_circle": "Infraorbital skin band below the measured lower-lid edge vs malar cheek: delta L* "
-                   "(darkness), with delta a* / delta b* for the type (Roh & Chung 2009).",
-    "droopy_upper_eyelid": "Proxy MRD1: eye centre (dark blob) to the upper edge of the non-skin "
-                           "eye aperture (colour distance from cheek skin), in mm via a 63 mm IPD.",
-    "droopy_lower_eyelid": "Proxy MRD2: eye centre to the lower edge of the eye aperture in mm "
-                           "(larger = lower lid sags), via a 63 mm IPD.",
+    "dark_circle": "Infraorbital skin band (lower lid to the lid-cheek junction) vs malar cheek, "
+                   "white-balanced: delta L* (darkness), delta a* / delta b* for the type (Roh & Chung 2009).",
+    "droopy_upper_eyelid": "MRD1: iris centre to the upper-lid margin above it, in mm via the iris "
+                           "(11.7 mm); fallback without landmarks: a colour-edge proxy scaled by a 63 mm IPD.",
+    "droopy_lower_eyelid": "MRD2: iris centre to the lower-lid margin below it, in mm via the iris, "
+                           "plus scleral show; fallback without landmarks: a colour-edge proxy.",
     "firmness": "Proxy: depth of the nasolabial/marionette folds (L* valley response at 1.5-2.5 mm) "
                 "and lower-face shading at the jowls.",
     "moisture": "Proxy: flaking (whitish low-chroma micro-patches, non-specular) and fine-scale "
                 "roughness (0.3 mm high-pass L*, noise removed) on skin.",
-    "redness": "Mean CIELAB a* of cheek, nose, chin and forehead skin (Dawson erythema index and red "
-               "area fraction a* > 18 reported).",
-    "tear_trough": "L* valley (Hessian, 1-1.8 mm) along the medial under-eye line from the inner "
+    "redness": "Mean CIELAB a* (sclera white-balanced) of cheek, nose and chin skin (Dawson erythema "
+               "index, red area fraction a* > 18 and per-region a* incl. forehead reported).",
+    "tear_trough": "L* valley (Hessian, 1-1.8 mm) along the infraorbital groove from the inner "
                    "canthus downwards-outwards: groove depth and the length where it exceeds 1 L*.",
     "skin_type": "Rules over T/U-zone highlight fractions, the moisture proxy and mean a*: Oily / "
                  "Combination / Dry / Normal, '& Redness' when a* is high.",
 }
 
-PROXY = {"firmness", "moisture", "droopy_upper_eyelid", "droopy_lower_eyelid", "eye_bag",
-         "tear_trough", "skin_type"}
+PROXY = {"firmness", "moisture", "eye_bag", "tear_trough", "skin_type"}
+#: Proxies only in the cascade fallback (with landmarks they are the clinical geometric measure).
+FALLBACK_PROXY = {"droopy_upper_eyelid", "droopy_lower_eyelid"}
 
 
 def _result(ctx, concern, scores, masks, meas, skin_types=None) -> ConcernMeasurement:
@@ -212,12 +199,28 @@ def _result(ctx, concern, scores, masks, meas, skin_types=None) -> ConcernMeasur
         concern=concern, scores={k: float(min(100.0, max(1.0, v))) for k, v in scores.items()},
         skin_types=skin_types or {}, masks=masks,
         measurements={k: _finite(float(v)) for k, v in meas.items()},
-        method=METHODS[concern], proxy=concern in PROXY)
+        method=METHODS[concern],
+        proxy=concern in PROXY or (concern in FALLBACK_PROXY and getattr(ctx, "landmarks", None) is None))
+
+
+def _wb_report(ctx: Context, area: np.ndarray) -> dict:
+    """White-balance facts for colour measurements: applied or not, the gains, and the
+    uncorrected mean a*, b* of ``area`` (identical to the corrected ones when not applied)."""
+    wb = getattr(ctx, "wb", None) or {}
+    raw = getattr(ctx, "raw_lab", None) or (ctx.L, ctx.a, ctx.b)
+    out = {"wb_applied": float(wb.get("wb_applied", 0.0))}
+    for k in ("wb_gain_r", "wb_gain_g", "wb_gain_b"):
+        out[k] = float(wb.get(k, 1.0))
+    out["a_star_mean_uncorrected"] = _mean(raw[1][area])
+    out["b_star_mean_uncorrected"] = _mean(raw[2][area])
+    return out
 
 
 def m_redness(ctx: Context) -> ConcernMeasurement:
     R = ctx.regions
-    area = ctx.skin & (R["cheek"] | R["nose"] | R["chin"] | R["forehead"])
+    # the central face, where erythema shows (rosacea, flushing); the forehead is reported
+    # apart (hairline shadow and bangs drive its colour)
+    area = ctx.skin & (R["cheek"] | R["nose"] | R["chin"])
     if area.sum() < 20:
         area = ctx.skin
     a = ctx.a[area]
@@ -230,6 +233,10 @@ def m_redness(ctx: Context) -> ConcernMeasurement:
     meas = {"a_star_mean": a_mean, "a_star_p90": float(np.percentile(a, 90)) if a.size else 0,
             "erythema_index_mean": _mean(ei), "red_area_fraction_pct": 100 * red_frac,
             "skin_area_cm2": ctx.area_cm2(area)}
+    for name in ("cheek", "nose", "chin", "forehead"):
+        m = ctx.skin & R[name]
+        meas[f"a_star_{name}"] = _mean(ctx.a[m]) if m.any() else a_mean
+    meas.update(_wb_report(ctx, area))
     return _result(ctx, "redness", {"whole": raw}, {"whole": ctx.to_mask(alpha)}, meas)
 
 
@@ -240,6 +247,13 @@ def _under_eye_band(ctx: Context) -> np.ndarray:
     if "under_eye_band" in ctx.cache:
         return ctx.cache["under_eye_band"]
     R = ctx.regions
+    if getattr(ctx, "landmarks", None) is not None:
+        # landmark band: 2.5 mm below the lower-lid margin to mesh ring 3 (~9 mm), lashes out
+        band = R["under_eye"]
+        skin_band = band & ctx.skin
+        band = skin_band if skin_band.sum() >= 0.3 * max(1, band.sum()) else band & (ctx.L >= ctx.ref["L"] - 30)
+        ctx.cache["under_eye_band"] = band
+        return band
     ap = _eye_aperture(ctx)
     band = np.zeros_like(ctx.skin)
     for (top, bot, _, _), side, sg in zip(ap, ("l", "r"), (-1, 1)):
@@ -321,252 +335,10 @@ def m_radiance(ctx: Context) -> ConcernMeasurement:
     return _result(ctx, "radiance", {"whole": raw}, {"whole": ctx.to_mask(alpha)}, meas)
 
 
-def _dog_noise_gain(s1: float, s2: float) -> float:
-    """Std of a difference of Gaussians (s1 < s2, pixels) applied to unit white noise."""
-    return math.sqrt(max(1e-9, 1 / (4 * math.pi * s1 * s1) + 1 / (4 * math.pi * s2 * s2)
-                         - 1 / (math.pi * (s1 * s1 + s2 * s2))))
+# wrinkle, pore, texture, age_spot and acne: the fine-structure measurements live in _fine.py
+from ._fine import FINE_METHODS, m_acne, m_age_spot, m_pore, m_texture, m_wrinkle  # noqa: E402
 
-
-def m_texture(ctx: Context) -> ConcernMeasurement:
-    R = ctx.regions
-    area = ctx.skin & (R["cheek"] | R["forehead"] | R["chin"])
-    if area.sum() < 20:
-        area = ctx.skin
-    area = area & _eroded_skin(ctx, 1.0) if (area & _eroded_skin(ctx, 1.0)).sum() > 20 else area
-    s1 = max(0.7, ctx.mm(0.25)); s2 = max(s1 * 2, ctx.mm(1.5))
-    bp = ndi.gaussian_filter(ctx.L, s1, mode="nearest") - ndi.gaussian_filter(ctx.L, s2, mode="nearest")
-    rough = robust_std(bp[area])
-    noise = ctx.noise_l * _dog_noise_gain(s1, s2)
-    t = math.sqrt(max(rough ** 2 - noise ** 2, 0.0))
-    raw = decreasing(t, 1.6, 0.45)
-    alpha = np.where(area, np.clip((np.abs(bp) - 1.0) / 4.0, 0, 1), 0)
-    meas = {"bandpass_l_star_std": rough, "noise_l_star": ctx.noise_l, "noise_in_band_l_star": noise,
-            "roughness_l_star": t}
-    return _result(ctx, "texture", {"whole": raw}, {"whole": ctx.to_mask(alpha)}, meas)
-
-
-_WRINKLE_REGIONS = {"whole": "face", "forehead": "forehead", "glabellar": "glabellar",
-                    "crowfeet": "crowfeet", "periocular": "periocular", "nasolabial": "nasolabial",
-                    "marionette": "marionette"}
-
-
-def _wrinkle_map(ctx: Context):
-    if "wrinkle_map" in ctx.cache:
-        return ctx.cache["wrinkle_map"]
-    allowed = _eroded_skin(ctx, 0.8)
-    V = _valley(ctx, (0.35, 0.6), ctx.regions["face"], "valley_fine")
-    noise = ctx.noise_l
-    hi = max(2.0, 2.5 * noise)
-    lo = 0.5 * hi
-    cand = apply_hysteresis_threshold(np.where(allowed, V, 0), lo, hi)
-    lab, n = ndi.label(cand, structure=np.ones((3, 3), bool))
-    keep = np.zeros_like(cand)
-    if n > 0:
-        props = component_stats(lab, n)
-        maj = props["major"]; mnr = props["minor"]
-        ok = (maj >= ctx.mm(2.0)) & (mnr <= 0.45 * maj)
-        good = np.zeros(lab.max() + 1, bool)
-        good[props["label"][ok]] = True
-        keep = good[lab]
-    skel = skeletonize(keep) if keep.any() else keep
-    ctx.cache["wrinkle_map"] = (V, keep, skel, hi)
-    return ctx.cache["wrinkle_map"]
-
-
-def m_wrinkle(ctx: Context) -> ConcernMeasurement:
-    V, keep, skel, hi = _wrinkle_map(ctx)
-    R = ctx.regions
-    scores, masks, meas = {}, {}, {}
-    alpha = np.where(keep, np.clip(0.35 + V / (3 * hi), 0, 1), 0)
-    for region in _regions_of("wrinkle"):
-        reg = R[_WRINKLE_REGIONS[region]] & ctx.skin_filled
-        area = ctx.area_cm2(reg)
-        length_mm = float(skel[reg].sum()) / ctx.ppmm
-        dens = length_mm / area if area > 0.05 else 0.0
-        depth = _mean(V[keep & reg]) if (keep & reg).any() else 0.0
-        x = dens * (1 + 0.1 * max(0.0, depth - hi))
-        scores[region] = decreasing(x, 8.0, 3.0)
-        masks[region] = ctx.to_mask(np.where(reg, alpha, 0))
-        meas[f"wrinkle_len_mm_per_cm2_{region}"] = dens
-        meas[f"wrinkle_depth_l_star_{region}"] = depth
-        meas[f"skin_area_cm2_{region}"] = area
-    meas["wrinkle_len_mm_per_cm2"] = meas["wrinkle_len_mm_per_cm2_whole"]
-    meas["ridge_threshold_l_star"] = hi
-    return _result(ctx, "wrinkle", scores, masks, meas)
-
-
-_PORE_REGIONS = {"whole": ("forehead", "nose", "cheek"), "forehead": ("forehead",),
-                 "nose": ("nose",), "cheek": ("cheek",)}
-PORE_MIN_PX_PER_MM = 8.0
-PORE_MAX_PX_PER_MM = 10.0
-
-
-def _blobs(L: np.ndarray, where: np.ndarray, ppmm: float, diam_mm: tuple[float, float],
-           min_depth: float):
-    """Dark round blobs: local maxima of sigma^2 * LoG(L*) over space and scale, depth below a
-    1 mm background >= ``min_depth``, Hessian eigenvalue ratio >= 0.3 (round, not a line).
-    Computed on the bounding box of ``where``. Returns rows of (y, x, radius_px, depth)."""
-    smin = max(0.7, diam_mm[0] / (2 * math.sqrt(2)) * ppmm)
-    smax = max(smin * 1.2, diam_mm[1] / (2 * math.sqrt(2)) * ppmm)
-    sig = np.geomspace(smin, smax, 4)
-    bb = _bbox(where, int(3 * smax) + 2, L.shape)
-    if bb is None:
-        return np.zeros((0, 4))
-    Lb, wb = L[bb], where[bb]
-    stack = np.stack([s * s * ndi.gaussian_laplace(Lb, s, mode="nearest") for s in sig])
-    mx = ndi.maximum_filter(stack, size=(3, 3, 3), mode="nearest")
-    bg = ndi.gaussian_filter(Lb, max(1.0, ppmm * 1.0), mode="nearest")
-    peaks = (stack == mx) & (stack > 0.5 * min_depth) & wb[None]
-    k, y, x = np.nonzero(peaks)
-    if k.size == 0:
-        return np.zeros((0, 4))
-    depth = bg[y, x] - Lb[y, x]
-    ok = depth >= min_depth
-    k, y, x, depth = k[ok], y[ok], x[ok], depth[ok]
-    out = []
-    for kk in np.unique(k):
-        sel = k == kk
-        s = sig[kk]
-        l1, l2 = _hessian(Lb, s)
-        ratio = l2[y[sel], x[sel]] / np.maximum(l1[y[sel], x[sel]], 1e-6)
-        r = ratio >= 0.3
-        out.append(np.column_stack([y[sel][r] + bb[0].start, x[sel][r] + bb[1].start,
-                                    np.full(r.sum(), s * math.sqrt(2)), depth[sel][r]]))
-    return np.concatenate(out) if out else np.zeros((0, 4))
-
-
-def m_pore(ctx: Context) -> ConcernMeasurement:
-    R = ctx.regions
-    resolvable = ctx.ppmm_full >= PORE_MIN_PX_PER_MM
-    min_depth = max(3.0, 2.0 * ctx.noise_l)
-    per_region: dict[str, np.ndarray] = {}
-    canvas = np.zeros_like(ctx.L)
-    for name in ("forehead", "nose", "cheek"):
-        reg = R[name] & ctx.skin_filled
-        if resolvable:
-            blobs, area = _fine_blobs(ctx, reg, min_depth)
-        else:
-            blobs = _blobs(ctx.L, reg, ctx.ppmm, (0.35, 1.0), min_depth)
-            area = ctx.area_cm2(reg)
-        per_region[name] = (blobs, area)
-        for y, x, r, _ in blobs:
-            rr, cc = disk((y, x), max(1.0, r), shape=canvas.shape)
-            canvas[rr, cc] = 1.0
-    scores, masks, meas = {}, {}, {}
-    mid = 30.0 if resolvable else 6.0
-    for region, parts in _PORE_REGIONS.items():
-        n = sum(len(per_region[p][0]) for p in parts)
-        area = sum(per_region[p][1] for p in parts)
-        dens = n / area if area > 0.05 else 0.0
-        sizes = np.concatenate([per_region[p][0][:, 2] for p in parts]) if n else np.zeros(0)
-        scores[region] = decreasing(dens, mid, mid / 3)
-        reg = np.zeros_like(canvas, dtype=bool)
-        for p in parts:
-            reg |= R[p]
-        masks[region] = ctx.to_mask(np.where(reg, canvas, 0))
-        meas[f"pore_count_{region}"] = n
-        meas[f"pore_density_per_cm2_{region}"] = dens
-        meas[f"pore_mean_diameter_mm_{region}"] = float(2 * sizes.mean() / ctx.ppmm) if n else 0.0
-    meas["pore_resolvable"] = float(resolvable)
-    meas["pore_min_px_per_mm"] = PORE_MIN_PX_PER_MM
-    meas["px_per_mm"] = ctx.ppmm_full
-    return _result(ctx, "pore", scores, masks, meas)
-
-
-def _fine_blobs(ctx: Context, reg: np.ndarray, min_depth: float):
-    """Blobs on the full-resolution pixels of ``reg``'s bounding box, resampled to at most
-    ``PORE_MAX_PX_PER_MM``; blob coordinates are returned in work pixels."""
-    rows = np.flatnonzero(reg.any(1)); cols = np.flatnonzero(reg.any(0))
-    if rows.size == 0:
-        return np.zeros((0, 4)), 0.0
-    i0, i1, j0, j1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    full = ctx.cache["full_rgb"]
-    y0 = ctx.box[0] + int(i0 / ctx.sy); y1 = ctx.box[0] + int(math.ceil(i1 / ctx.sy))
-    x0 = ctx.box[1] + int(j0 / ctx.sx); x1 = ctx.box[1] + int(math.ceil(j1 / ctx.sx))
-    sub = full[y0:y1, x0:x1]
-    f = min(1.0, PORE_MAX_PX_PER_MM / ctx.ppmm_full)
-    if f < 1.0:
-        sub = np.asarray(Image.fromarray(sub).resize(
-            (max(1, round(sub.shape[1] * f)), max(1, round(sub.shape[0] * f))), Image.BILINEAR))
-    ppmm = ctx.ppmm_full * sub.shape[1] / max(1, x1 - x0)
-    L = rgb_to_lab(sub.astype(np.float32) / 255.0)[0]
-    m = np.asarray(Image.fromarray(reg[i0:i1, j0:j1].astype(np.uint8) * 255).resize(
-        (L.shape[1], L.shape[0]), Image.NEAREST)) > 127
-    blobs = _blobs(L, m, ppmm, (0.1, 0.5), min_depth)
-    area = float(m.sum()) / (ppmm * 10) ** 2
-    if len(blobs):
-        # back to work pixels
-        fy = (i1 - i0) / L.shape[0]; fx = (j1 - j0) / L.shape[1]
-        blobs = np.column_stack([i0 + blobs[:, 0] * fy, j0 + blobs[:, 1] * fx,
-                                 blobs[:, 2] * fx, blobs[:, 3]])
-    return blobs, area
-
-
-def m_age_spot(ctx: Context) -> ConcernMeasurement:
-    R = ctx.regions
-    area = ctx.skin_filled & ~R["nose"]
-    L = ctx.L
-    # 8 mm median background on a ~1 px/mm copy
-    step = max(1, int(round(ctx.ppmm)))
-    small = L[::step, ::step]
-    sk_small = ctx.skin[::step, ::step]
-    fill = np.where(sk_small, small, ctx.ref["L"])
-    bg_s = ndi.median_filter(fill, size=max(3, int(round(8 * ctx.ppmm / step))), mode="nearest")
-    bg = np.asarray(Image.fromarray(bg_s).resize((L.shape[1], L.shape[0]), Image.BILINEAR))
-    Ls = ndi.gaussian_filter(L, max(0.5, ctx.mm(0.3)), mode="nearest")
-    thr = max(6.0, 3.0 * ctx.noise_l * 0.5)
-    dark = bg - Ls
-    bmap = _masked_blur(ctx, ctx.b, ctx.skin, 4.0)
-    cand = area & _eroded_skin(ctx, 1.0) & (dark >= thr) & (ctx.b >= bmap - 1.0)
-    lab, nl = ndi.label(cand, structure=np.ones((3, 3), bool))
-    keep = np.zeros_like(cand)
-    n = 0
-    if nl:
-        props = component_stats(lab, nl)
-        dmm = 2 * np.sqrt(props["area"] / math.pi) / ctx.ppmm
-        ok = ((dmm >= 1.0) & (dmm <= 8.0) & (props["fill"] >= 0.6)
-              & (props["ecc"] <= 0.92))
-        good = np.zeros(lab.max() + 1, bool)
-        good[props["label"][ok]] = True
-        keep = good[lab]
-        n = int(ok.sum())
-    a_cm2 = ctx.area_cm2(area)
-    frac = 100.0 * float(keep.sum()) / max(1, int(area.sum()))
-    per10 = 10.0 * n / a_cm2 if a_cm2 > 0 else 0.0
-    x = frac + 0.3 * per10
-    raw = decreasing(x, 3.0, 1.2)
-    alpha = np.where(keep, np.clip(0.4 + (dark - thr) / 15.0, 0, 1), 0)
-    meas = {"spot_count": n, "spot_area_fraction_pct": frac, "spots_per_10cm2": per10,
-            "spot_threshold_l_star": thr}
-    return _result(ctx, "age_spot", {"whole": raw}, {"whole": ctx.to_mask(alpha)}, meas)
-
-
-def m_acne(ctx: Context) -> ConcernMeasurement:
-    R = ctx.regions
-    area = ctx.skin_filled & ~R["mouth_ring"] & _eroded_skin(ctx, 1.0)
-    a = ctx.a
-    bg = _masked_blur(ctx, a, ctx.skin, 5.0)
-    res = ndi.gaussian_filter(a, max(0.5, ctx.mm(0.3)), mode="nearest") - bg
-    cand = area & (res >= 5.0)
-    lab, nl = ndi.label(cand, structure=np.ones((3, 3), bool))
-    keep = np.zeros_like(cand)
-    n = 0
-    if nl:
-        props = component_stats(lab, nl)
-        dmm = 2 * np.sqrt(props["area"] / math.pi) / ctx.ppmm
-        ok = (dmm >= 1.5) & (dmm <= 5.0) & (props["ecc"] <= 0.93)
-        good = np.zeros(lab.max() + 1, bool)
-        good[props["label"][ok]] = True
-        keep = good[lab]
-        n = int(ok.sum())
-    a_cm2 = ctx.area_cm2(area)
-    frac = 100.0 * float(keep.sum()) / max(1, int(area.sum()))
-    x = n + 2.0 * frac
-    raw = decreasing(x, 10.0, 4.0)
-    alpha = np.where(keep, np.clip(0.4 + (res - 5.0) / 8.0, 0, 1), 0)
-    meas = {"lesion_count": n, "lesion_area_fraction_pct": frac,
-            "lesions_per_10cm2": 10.0 * n / a_cm2 if a_cm2 > 0 else 0.0}
-    return _result(ctx, "acne", {"whole": raw}, {"whole": ctx.to_mask(alpha)}, meas)
+METHODS.update(FINE_METHODS)
 
 
 def _row_profile(ctx: Context, where: np.ndarray, y_from: float, y_to: float, step: float = 0.03,
@@ -632,9 +404,19 @@ def m_tear_trough(ctx: Context) -> ConcernMeasurement:
     V = _valley(ctx, (1.0, 1.8), band, "valley_trough")
     depths, lengths = [], []
     for side, sg in (("l", -1), ("r", 1)):
-        p0 = np.array([sg * 0.26, 0.12]); p1 = np.array([sg * 0.50, 0.46])
-        v = p1 - p0; ln = float(np.hypot(*v))
-        t = ((X - p0[0]) * v[0] + (Y - p0[1]) * v[1]) / (ln * ln)
+        if getattr(ctx, "landmarks", None) is not None:
+            # the landmark groove polyline (work px): arc-length position of each pixel
+            from ._geometry import polyline_coords
+            from ._regions import TEAR_TROUGH
+
+            yy, xx = np.nonzero(R[f"tear_trough_{side}"])
+            t = np.full(ctx.L.shape, -1.0)
+            t[yy, xx], _, ln_px = polyline_coords(ctx.landmarks[TEAR_TROUGH[side]], xx, yy)
+            ln = ln_px / ctx.ipd
+        else:
+            p0 = np.array([sg * 0.26, 0.12]); p1 = np.array([sg * 0.50, 0.46])
+            v = p1 - p0; ln = float(np.hypot(*v))
+            t = ((X - p0[0]) * v[0] + (Y - p0[1]) * v[1]) / (ln * ln)
         b = band & R[f"tear_trough_{side}"]
         seg = []
         for k in range(8):
@@ -657,6 +439,12 @@ def _eye_aperture(ctx: Context):
     """Per eye: (upper, lower) edges in face-frame Y of the non-skin aperture through the eye
     centre, from the Lab colour distance to the cheek skin along a central column strip."""
     if "aperture" in ctx.cache:
+        return ctx.cache["aperture"]
+    if getattr(ctx, "landmarks", None) is not None:
+        from ._geometry import eyelid_geometry
+
+        g = eyelid_geometry(ctx)
+        ctx.cache["aperture"] = [(g[s]["upper"], g[s]["lower"], None, None) for s in ("l", "r")]
         return ctx.cache["aperture"]
     dE = np.sqrt((ctx.L - ctx.ref["L"]) ** 2 + (ctx.a - ctx.ref["a"]) ** 2 + (ctx.b - ctx.ref["b"]) ** 2)
     out = []
@@ -692,6 +480,24 @@ def _mm_per_unit(ctx: Context) -> float:
     return ctx.ipd / ctx.ppmm
 
 
+def _lid_extras(ctx: Context, keys: tuple[str, ...]) -> dict:
+    """Landmark eyelid facts (mean of both eyes and per side) and the eye-closure score; {} in
+    the cascade fallback."""
+    if getattr(ctx, "landmarks", None) is None:
+        return {}
+    from ._geometry import BLINK_CLOSED, eyelid_geometry
+
+    g = eyelid_geometry(ctx)
+    out = {}
+    for k in keys:
+        out[k] = 0.5 * (g["l"][k] + g["r"][k])
+        out[k + "_image_left"] = g["l"][k]
+        out[k + "_image_right"] = g["r"][k]
+    out["eye_closure_max"] = max(g["l"]["blink"], g["r"]["blink"])
+    out["eyes_closed"] = float(out["eye_closure_max"] > BLINK_CLOSED)
+    return out
+
+
 def m_droopy_upper(ctx: Context) -> ConcernMeasurement:
     ap = _eye_aperture(ctx)
     u = _mm_per_unit(ctx)
@@ -705,6 +511,7 @@ def m_droopy_upper(ctx: Context) -> ConcernMeasurement:
         lid = (np.abs(dx) <= 0.28) & (ctx.Y >= yl - 0.10) & (ctx.Y <= yl + 0.02)
         alpha = np.where(lid & ctx.regions["oval"], np.clip(1.0 - (yl - ctx.Y) / 0.12, 0.3, 1.0), alpha)
     meas = {"mrd1_mm": x, "mrd1_mm_image_left": mrd1[0], "mrd1_mm_image_right": mrd1[1]}
+    meas.update(_lid_extras(ctx, ("brow_to_lid_mm", "palpebral_fissure_mm")))
     return _result(ctx, "droopy_upper_eyelid", {"whole": raw}, {"whole": ctx.to_mask(alpha)}, meas)
 
 
@@ -721,6 +528,7 @@ def m_droopy_lower(ctx: Context) -> ConcernMeasurement:
         lid = (np.abs(dx) <= 0.28) & (ctx.Y >= yl - 0.02) & (ctx.Y <= yl + 0.10)
         alpha = np.where(lid & ctx.regions["oval"], np.clip(1.0 - (ctx.Y - yl) / 0.12, 0.3, 1.0), alpha)
     meas = {"mrd2_mm": x, "mrd2_mm_image_left": mrd2[0], "mrd2_mm_image_right": mrd2[1]}
+    meas.update(_lid_extras(ctx, ("scleral_show_mm", "canthal_tilt_deg")))
     return _result(ctx, "droopy_lower_eyelid", {"whole": raw}, {"whole": ctx.to_mask(alpha)}, meas)
 
 
@@ -732,7 +540,8 @@ def m_firmness(ctx: Context) -> ConcernMeasurement:
     jowl = R["jowl"] & ctx.skin
     ref = R["cheek_ref"] & ctx.skin
     shade = (_median(ctx.L[ref]) - _median(ctx.L[jowl])) if jowl.any() and ref.any() else 0.0
-    x = fold + 0.15 * max(shade, 0.0)
+    # jaw shading is mostly lighting (the jaw turns away from the lamp): a small, capped term
+    x = fold + 0.08 * min(max(shade, 0.0), 10.0)
     raw = decreasing(x, 4.0, 1.5)
     alpha = np.where(folds, np.clip(V / 8.0, 0, 1), 0)
     meas = {"fold_depth_l_star": fold, "jowl_shading_l_star": shade, "firmness_index": x}

@@ -13,8 +13,13 @@ __all__ = ["Face", "GateConfig", "FaceCheck", "Mask", "ConcernMeasurement", "Ana
 class Face:
     """One detected face; pixel coordinates in the image given to :func:`detect_faces`.
 
-    ``score`` is the number of raw cascade windows merged into this face (the detector's
-    "neighbour count"); real faces collect many, false positives few.
+    With the landmark backend the box is the bounding box of the 468 face-mesh points (upper
+    forehead to chin tip, cheek edge to cheek edge; it may reach outside the image when the face
+    is cut off), ``score`` is 1.0 (the Face Landmarker reports no confidence), ``landmarks``
+    holds the 478 points (x, y in pixels, z relative depth) and ``pose`` the head angles in
+    degrees (``yaw``, ``pitch``, ``roll``). With the cascade fallback ``score`` is the number of
+    raw cascade windows merged into this face (real faces collect many, false positives few),
+    and ``landmarks`` / ``pose`` are None.
     """
 
     top: int
@@ -22,6 +27,9 @@ class Face:
     height: int
     width: int
     score: float
+    landmarks: np.ndarray | None = field(default=None, repr=False, compare=False)
+    pose: dict | None = field(default=None, compare=False)
+    blendshapes: dict | None = field(default=None, repr=False, compare=False)
 
     @property
     def bottom(self) -> int:
@@ -40,7 +48,18 @@ class GateConfig:
     ----------
     min_face_width_fraction
         Largest face width / image width must be at least this (contract default 0.50,
-        strict mode 0.60), else ``error_src_face_too_small``.
+        strict mode 0.60), else ``error_src_face_too_small``. Face width: the horizontal extent
+        of the face-mesh landmarks (cheek edge to cheek edge), or the cascade box in the fallback.
+    max_yaw_deg, max_pitch_deg, max_roll_deg
+        Head-angle limits (check 11, landmarks only): ``error_large_face_angle`` when the
+        absolute yaw (turn), pitch (nod) or roll (in-plane tilt) from the Face Landmarker's
+        transformation matrix exceeds them. Pitch is the least certain (the matrix assumes a
+        fixed camera field of view: re-cropping the same photo moved it by ~8 degrees), hence
+        its wider default.
+    landmark_forehead_extension, landmark_chin_extension
+        For the out-of-bound check with landmarks: the mesh stops at the upper forehead, so its
+        box is extended upwards by this fraction of its height (to about the hairline) and
+        downwards by the second (below the chin tip) before it is compared with the frame.
     dark_threshold_l
         Median CIELAB L* of the central face skin (cheeks, nose, mouth area of the face box)
         below this gives ``error_lighting_dark``. 25 is far below well-lit skin of any tone
@@ -49,7 +68,7 @@ class GateConfig:
         A second face counts (``error_multiple_people``) if its width is at least this
         fraction of the largest face's width.
     forehead_extension, chin_extension, side_extension
-        The detector's box runs from about the mid forehead to the chin. For the out-of-bound
+        Cascade fallback only. The detector's box runs from about the mid forehead to the chin. For the out-of-bound
         check a square face box is re-derived from the two eye centres (eyes 0.42 box widths
         apart and 0.35 below the top; the detector's own box when the eyes are not found),
         then extended upwards by ``forehead_extension`` x its size (to the hairline),
@@ -58,7 +77,7 @@ class GateConfig:
         How far (fraction of the box size) the extended face may leave the frame before
         ``error_src_face_out_of_bound``.
     min_neighbors
-        Minimum raw cascade windows for a face to count at all (false-positive filter).
+        Cascade fallback only. Minimum raw cascade windows for a face to count at all (false-positive filter).
     relative_min_neighbors
         A face other than the best-supported one also needs at least this fraction of the
         best face's window count.
@@ -82,6 +101,11 @@ class GateConfig:
     detect_long_side: int = 480
     min_face_px: int = 36
     scale_factor: float = 1.2
+    max_yaw_deg: float = 20.0
+    max_pitch_deg: float = 25.0
+    max_roll_deg: float = 20.0
+    landmark_forehead_extension: float = 0.12
+    landmark_chin_extension: float = 0.02
 
     @classmethod
     def strict(cls, **kw) -> "GateConfig":
@@ -96,9 +120,9 @@ class FaceCheck:
 
     ``error`` is None when every check passed, else exactly one of ``error_no_face``,
     ``error_src_face_too_small``, ``error_src_face_out_of_bound``, ``error_lighting_dark``,
-    ``error_multiple_people`` (``error_large_face_angle`` is never produced by this backend:
-    it needs landmarks). ``faces`` is largest first. ``details`` holds the measured numbers
-    behind the decision.
+    ``error_multiple_people``, ``error_large_face_angle`` (the last only with landmarks: the
+    cascade fallback cannot measure yaw or pitch). ``faces`` is largest first. ``details`` holds
+    the measured numbers behind the decision, including ``face_backend``.
     """
 
     error: str | None
