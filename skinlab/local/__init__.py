@@ -9,6 +9,11 @@ runs, never when this package is imported.
 >>> with skinlab.local.serve(task_duration_s=0) as srv:   # doctest: +SKIP
 ...     print(srv.url)                                    # http://127.0.0.1:<port>
 
+:func:`measure` runs the engine in-process and returns its physical measurements (mm, ΔL*,
+fractions, ... with unit and region) as a tidy pandas DataFrame:
+
+>>> df = skinlab.local.measure("face.jpg", ["hd_wrinkle", "hd_dark_circle"])   # doctest: +SKIP
+
 :class:`LocalServer` binds 127.0.0.1 on a free port and serves in a daemon thread. Every
 setting of :class:`ServerConfig` can be passed as a keyword argument.
 """
@@ -27,7 +32,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 if TYPE_CHECKING:  # pragma: no cover
     from .server import Faults, ServerConfig, SkinlabApp
 
-__all__ = ["LocalServer", "ServerConfig", "Faults", "LatencyModel", "SkinlabApp", "serve"]
+__all__ = ["LocalServer", "ServerConfig", "Faults", "LatencyModel", "SkinlabApp", "serve", "measure"]
 
 log = logging.getLogger("skinlab.local")
 
@@ -218,3 +223,134 @@ def serve(config: "ServerConfig | None" = None, *, host: str = "127.0.0.1", port
         yield server
     finally:
         server.stop()
+
+
+#: the ``backend`` column of :func:`measure`: these are local measurements, never YouCam numbers
+MEASURE_BACKEND = "skinlab-local-engine"
+_MEASURE_COLUMNS = ["concern", "action", "quantity", "region", "value", "unit", "kind", "proxy", "resolvable",
+                    "category", "key", "method", "backend", "engine_version", "face_backend", "px_per_mm"]
+
+
+def _load_upright_rgb(image: Any):
+    """A path, bytes, binary file object, PIL image or HxWx3 uint8 array -> an upright RGB uint8
+    array, as the emulator would measure it: files and bytes are decoded by the emulator's own
+    decoder (JPEG or PNG, EXIF orientation applied, long side resized to 2560 px with Lanczos,
+    as the service does); PIL images get the same orientation and resize, arrays the resize."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from ..errors import ImageError
+    from .imaging import ImageRejected, decode_image, resized_size
+
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
+            raise ImageError(f"an image array must be HxWx3 (or HxWx4) uint8, got shape {image.shape} "
+                             f"and dtype {image.dtype}")
+        pil = Image.fromarray(np.ascontiguousarray(image[..., :3]))
+    elif isinstance(image, Image.Image):
+        pil = ImageOps.exif_transpose(image)
+        if pil.mode != "RGB":
+            pil = pil.convert("RGBA").convert("RGB") if pil.mode in ("P", "LA", "PA") else pil.convert("RGB")
+    else:
+        from ..images import _read_source
+
+        data, name, _ = _read_source(image)
+        try:
+            return decode_image(data).rgb
+        except ImageRejected as exc:
+            label = repr(name) if name else "the image"
+            raise ImageError(f"{label} was rejected as the service would reject it: {exc.code} "
+                             "(JPEG or PNG only, decodable, not a decompression bomb).") from None
+    size = resized_size(*pil.size)
+    if size != pil.size:
+        pil = pil.resize(size, Image.Resampling.LANCZOS)
+    return np.asarray(pil, dtype=np.uint8)
+
+
+def measure(image: Any, actions: Any = "all", *, hd: bool = False, gates: Any = None):
+    """Measure skin concerns on one photo with the local engine; a tidy DataFrame, one row per
+    physical quantity and region.
+
+    Parameters
+    ----------
+    image
+        A path, bytes, binary file object (JPEG or PNG, decoded as the emulator decodes
+        uploads), PIL image or HxWx3 uint8 RGB array. The EXIF orientation is applied (as the
+        upload pre-flight does) and a long side above 2560 px is resized to 2560 (as the
+        service does).
+    actions
+        Action names (``"hd_wrinkle"``, ``"dark_circle_v2"``, ...), concern keys
+        (``"wrinkle"``), a comma-separated string, or ``"all"``; validated by
+        :func:`skinlab.actions.validate_actions` (no HD/SD mix, unknown names suggested).
+        Concern keys and ``"all"`` mean the SD actions unless ``hd=True``. The measurements
+        do not depend on the tier; ``action`` records which was asked for.
+    gates : skinlab.local.engine.GateConfig, optional
+        Thresholds of the image checks; the contract's defaults otherwise. A failed check
+        raises ``ValueError`` naming the service's error code.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns: ``concern``, ``action``, ``quantity`` (what is measured), ``region`` (where),
+        ``value``, ``unit`` (``mm``, ``ΔL*``, ``%``, ``1/cm²``, ...: see
+        ``skinlab.local.engine.UNITS``), ``kind`` (``measurement``, ``index``, ``flag``,
+        ``diagnostic``), ``proxy`` (True when the concern's value is only a proxy for the
+        named property), ``resolvable`` (False, with an empty ``value``, for quantities the
+        image's scale cannot resolve, e.g. pore counts below 8 px/mm), ``category`` (the skin
+        type rows), ``key`` (the engine's measurement name), ``method``, and, on every row,
+        ``backend`` (``"skinlab-local-engine"``), ``engine_version``, ``face_backend`` and
+        ``px_per_mm``, so that these rows are never pooled with cloud scores unnoticed.
+        ``DataFrame.attrs`` holds the image size, the tier, the skin-age proxy and the face
+        check details. Not clinically validated: see ``docs/engine-methods.md``.
+    """
+    import math
+
+    import pandas as pd
+
+    from ..actions import CATALOGUE, resolve_actions, validate_actions
+    from . import engine
+    from .engine._quantities import NOT_RESOLVABLE, QUANTITIES, records
+
+    validated = validate_actions(resolve_actions(actions, hd=hd))
+    rgb = _load_upright_rgb(image)
+    check = engine.check_image(rgb, config=gates) if gates is not None else None
+    analysis = engine.analyze(rgb, [CATALOGUE[n].concern for n in validated.names], check=check)
+    common = {"backend": MEASURE_BACKEND, "engine_version": analysis.engine_version,
+              "face_backend": analysis.face_backend, "px_per_mm": analysis.px_per_mm}
+    rows: list[dict] = []
+    for name in validated.names:
+        concern = CATALOGUE[name].concern
+        m = analysis.concerns[concern]
+        base = {"concern": concern, "action": name, "proxy": bool(m.proxy), "method": m.method}
+        seen = set()
+        for q, key, value in records(concern, m.measurements):
+            seen.add(key)
+            rows.append({**base, "quantity": q.quantity if q else key, "region": q.region if q else None,
+                         "value": value, "unit": q.unit if q else None, "kind": q.kind if q else None,
+                         "resolvable": True, "category": None, "key": key, **common})
+        if concern in NOT_RESOLVABLE and not m.measurements.get(f"{concern}_resolvable", 1.0):
+            for key in NOT_RESOLVABLE[concern]:
+                if key in seen:
+                    continue
+                q = QUANTITIES[concern][key]
+                rows.append({**base, "quantity": q.quantity, "region": q.region, "value": math.nan,
+                             "unit": q.unit, "kind": q.kind, "resolvable": False, "category": None,
+                             "key": key, **common})
+        for region, category in m.skin_types.items():
+            rows.append({**base, "quantity": "skin_type", "region": region, "value": math.nan,
+                         "unit": "category", "kind": "measurement", "resolvable": True,
+                         "category": category, "key": f"skin_type_{region}", **common})
+    undeclared = sorted({r["key"] for r in rows if r["unit"] is None})
+    if undeclared:
+        import warnings
+
+        warnings.warn(f"engine measurement(s) without a declared unit: {', '.join(undeclared)}",
+                      RuntimeWarning, stacklevel=2)
+    df = pd.DataFrame(rows, columns=_MEASURE_COLUMNS)
+    df["value"] = df["value"].astype(float)
+    df["category"] = df["category"].astype(object)     # the same dtype with or without skin types
+    df.attrs.update({"image_width": int(rgb.shape[1]), "image_height": int(rgb.shape[0]),
+                     "tier": validated.tier, "actions": list(validated.names),
+                     "skin_age_years_proxy": analysis.skin_age, **common,
+                     "face_check": dict(analysis.face.details)})
+    return df

@@ -14,7 +14,9 @@ validated** (see ``docs/engine-methods.md``).
 Public API: :func:`detect_faces`, :func:`check_image`, :func:`analyze`, :func:`ui_score`,
 the data classes :class:`Face`, :class:`GateConfig`, :class:`FaceCheck`, :class:`Mask`,
 :class:`ConcernMeasurement`, :class:`Analysis`, and ``ENGINE_VERSION``, ``FACE_BACKEND``,
-``CONCERN_METHODS``.
+``CONCERN_METHODS``. :func:`describe_measurement` gives the declared :class:`Quantity`
+(quantity, region, unit in ``UNITS``, kind in ``KINDS``) of any measurement name;
+``skinlab.local.measure`` builds its tidy table from these declarations.
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ from skinlab.actions import CONCERNS
 
 from ._detect import as_rgb, check_image, detect_faces
 from ._types import Analysis, ConcernMeasurement, Face, FaceCheck, GateConfig, Mask
+from ._quantities import KINDS, UNITS, Quantity, describe as describe_measurement
 
 __all__ = [
     "ENGINE_VERSION", "FACE_BACKEND", "CONCERN_METHODS", "Face", "GateConfig", "FaceCheck", "Mask",
     "ConcernMeasurement", "Analysis", "detect_faces", "check_image", "analyze", "ui_score",
     "clear_cache", "fetch_model", "reset_face_backend", "use_landmark_model",
+    "Quantity", "UNITS", "KINDS", "describe_measurement",
 ]
 
 #: The engine's own version; ``ENGINE_VERSION`` appends the face backend in use.

@@ -176,7 +176,8 @@ class ConcernMeasurement:
     ``scores``: region -> raw score in [1, 100], higher = healthier ({} for skin type).
     ``skin_types``: skin type only, region -> one of ``skinlab.actions.SKIN_TYPES``.
     ``masks``: region -> :class:`Mask` (same region keys as the concern's HD action).
-    ``measurements``: named physical values, unit in the name.
+    ``measurements``: named physical values; the quantity, region and unit of every name are
+    declared in ``_quantities.py`` (see :func:`skinlab.local.engine.describe_measurement`).
     ``method``: one line on what was measured and how. ``proxy``: True where the value is
     only a proxy for the named property.
     """
