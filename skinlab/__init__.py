@@ -41,7 +41,8 @@ _LAZY = {
     "analyze_many": "skinlab.batch",
     "app": "skinlab.widgets",
 }
-_SUBMODULES = {"local", "samples", "cli", "client", "results", "images", "helpers", "ledger", "tags", "plots", "display", "batch"}
+_SUBMODULES = {"local", "samples", "cli", "client", "results", "images", "helpers", "ledger", "tags", "plots", "display",
+               "batch", "widgets", "actions"}
 
 __all__ = [
     "__version__",
@@ -69,13 +70,29 @@ __all__ = [
 ] + list(errors.__all__)
 
 
+#: Lazy names that need an optional extra, and the extra. They stay out of ``__all__`` so that
+#: ``from skinlab import *`` works on the core install.
+_EXTRAS = {"app": ("ipywidgets", "notebook"), "widgets": ("ipywidgets", "notebook")}
+
+
+def _import(module: str, name: str):
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        need = _EXTRAS.get(name)
+        if need and exc.name == need[0]:
+            raise ModuleNotFoundError(f"skinlab.{name} needs {need[0]}, which is not installed: pip install "
+                                      f"'skinlab[{need[1]}]' (or pip install {need[0]}).", name=need[0]) from exc
+        raise
+
+
 def __getattr__(name: str):
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(_import(_LAZY[name], name), name)
         globals()[name] = value
         return value
     if name in _SUBMODULES:
-        return importlib.import_module(f"skinlab.{name}")
+        return _import(f"skinlab.{name}", name)
     raise AttributeError(f"module 'skinlab' has no attribute {name!r}")
 
 
@@ -91,3 +108,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .ledger import Ledger
     from .results import AnalysisResult
     from .samples import sample_portrait
+    from .widgets import app

@@ -61,7 +61,7 @@ class BatchItem:
 
     index: int
     label: str
-    outcome: str = "pending"  # done, reused, failed, skipped, interrupted, planned
+    outcome: str = "pending"  # done, reused, failed, skipped, interrupted, planned; running after Ctrl-C
     submission_id: int | None = None
     status: str | None = None
     units: int = 0
@@ -109,7 +109,9 @@ class BatchReport:
             lines = [f"Batch on the {self.backend.upper()} backend ({self.base_url}) in {self.elapsed_s:.1f} s:",
                      f"  done {self.count('done')}, reused {self.count('reused')} (no new task), "
                      f"failed {self.count('failed')}, skipped {self.count('skipped')}"
-                     + (f", not started {self.count('interrupted')}" if self.count("interrupted") else ""),
+                     + (f", not started {self.count('interrupted')}" if self.count("interrupted") else "")
+                     + (f", still in flight {self.count('running')} (the ledger records how they end)"
+                        if self.count("running") else ""),
                      f"  units spent {self.units_spent}"]
             for reason, n in sorted(self.failures.items()):
                 lines.append(f"  failed with {reason}: {n}")
@@ -339,6 +341,7 @@ def _run(report: BatchReport, sources, names, ledger, client, tags, force, optio
         if bar is not None:
             bar.close()
         for item in report.items:
-            if item.outcome in ("pending", "running") and stop.is_set():
+            # Not started: interrupted. Started: its worker goes on and the ledger records the outcome.
+            if item.outcome == "pending" and stop.is_set():
                 item.outcome = "interrupted"
         report.elapsed_s = time.monotonic() - t0

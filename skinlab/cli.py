@@ -92,7 +92,11 @@ def _cmd_analyze(args) -> int:
     client = connect(base_url=args.base_url, local=True if args.local else None, api_version=args.api_version)
     try:
         if client.backend == "local":
-            _print(f"Backend: LOCAL embedded engine at {client.base_url} (no API key set). Scores are measured "
+            from .client import has_api_key
+
+            why = ("--local or a local --base-url given; the API key is not used" if has_api_key()
+                   else "no API key set")
+            _print(f"Backend: LOCAL embedded engine at {client.base_url} ({why}). Scores are measured "
                    "from the pixels by skinlab's engine: not the YouCam service, not clinically validated.")
         else:
             _print(f"Backend: YouCam CLOUD at {client.base_url} ({client.api_version}); "
@@ -190,12 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--actions", default="all",
                    help="comma-separated concerns or action names, or 'all' (default: all)")
     a.add_argument("--hd", action="store_true", help="use the HD actions (short side >= 1080 px)")
-    a.add_argument("--format", choices=["zip", "json"], default="zip")
+    a.add_argument("--format", choices=["zip", "json"], default="zip",
+                   help="how the service returns results: zip (masks inside) or json (mask URLs); default zip")
     a.add_argument("--out", default="skinlab-results", help="folder for results (default: skinlab-results)")
     a.add_argument("--sample", choices=["astronaut", "grace_hopper"], help="also analyse a bundled portrait")
     a.add_argument("--local", action="store_true", help="use the local backend even if an API key is set")
     a.add_argument("--base-url", help="service or emulator URL")
-    a.add_argument("--api-version", default="v2.0", choices=["v2.0", "v2.1"])
+    a.add_argument("--api-version", default="v2.0", choices=["v2.0", "v2.1"], help="API version (default v2.0)")
     a.add_argument("--timeout", type=float, default=300.0, help="seconds to wait per task")
     a.add_argument("--downscale", action="store_true", help="downscale images over 2560 px before upload")
     a.add_argument("--ledger", help="the study's ledger file (default: OUT/ledger.sqlite); reruns reuse its results")
@@ -209,13 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("actions", help="list the 32 actions")
     g = c.add_mutually_exclusive_group()
-    g.add_argument("--hd", action="store_true")
-    g.add_argument("--sd", action="store_true")
+    g.add_argument("--hd", action="store_true", help="only the 16 HD actions")
+    g.add_argument("--sd", action="store_true", help="only the 16 SD actions")
     c.set_defaults(func=_cmd_actions)
 
     s = sub.add_parser("serve", help="run the local emulator of the API")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8765)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
     s.add_argument("--task-duration", type=float, default=5.0, help="seconds a task runs (default 5, as the cloud)")
     s.add_argument("--units", type=int, default=1000, help="starting unit balance")
     s.add_argument("--strict", action="store_true", help="the documented 0.60 face width and 4096 px limit")
@@ -225,14 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("sample", help="write a bundled public-domain portrait")
     m.add_argument("name", choices=["astronaut", "grace_hopper"])
-    m.add_argument("-o", "--output")
-    m.add_argument("--hd", action="store_true")
+    m.add_argument("-o", "--output", help="the JPEG to write (default NAME_sd.jpg or NAME_hd.jpg)")
+    m.add_argument("--hd", action="store_true", help="large enough for HD (short side >= 1080 px); default SD")
     m.add_argument("--uncropped", action="store_true", help="the original (the service rejects it: face too small)")
     m.set_defaults(func=_cmd_sample)
 
     w = sub.add_parser("app", help="serve the notebook form as a web page with Voila")
     w.add_argument("--ledger", help="the ledger file (default: skinlab-study/ledger.sqlite)")
-    w.add_argument("--port", type=int, default=8866)
+    w.add_argument("--port", type=int, default=8866, help="port of the page (default 8866)")
     w.add_argument("--no-browser", action="store_true", help="do not open a browser")
     w.set_defaults(func=_cmd_app)
 

@@ -66,8 +66,52 @@ def normalise_key(key: str | None) -> str | None:
 
 
 def _is_loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    return host in _LOOPBACK or host.startswith("127.")
+    """True for localhost and loopback addresses (not for names such as ``127.0.0.1.example.com``)."""
+    import ipaddress
+
+    host = (urlsplit(url).hostname or "").strip("[]").lower()
+    if host in _LOOPBACK:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Secret(str):
+    """A header value holding the API key; its repr (tracebacks with locals, debuggers) hides it."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'Bearer ***'"
+
+
+def check_transport(url: str, *, allow_insecure_http: bool = False, what: str = "request") -> None:
+    """Refuse a URL that is not http(s), or plain http to a host other than loopback.
+
+    Face photos (uploads) and results (which hold the working copy of the photo) must not cross
+    the network unencrypted unless the caller allowed it explicitly.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise errors.InsecureTransportError(
+            f"{what}: refusing to follow {parts.scheme or 'a scheme-less'} URL {redact_url(url)!r}; only http(s) "
+            "URLs with a host are used. The service's answer is malformed; report it.")
+    if parts.scheme == "http" and not _is_loopback(url) and not allow_insecure_http:
+        raise errors.InsecureTransportError(
+            f"{what}: refusing to send or fetch data over plain http to {parts.hostname} (from "
+            f"{redact_url(url)!r}); face photos and results travel only over https. If you really mean it, "
+            "create the client with allow_insecure_http=True.")
+
+
+def redact_url(url: str) -> str:
+    """The URL without its query (presigned signatures) and user info, for messages."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return f"{parts.scheme}://{host}{parts.path}"
 
 
 # --------------------------------------------------------------------------- policies
@@ -164,6 +208,31 @@ class RateLimiter:
 
 
 # --------------------------------------------------------------------------- responses
+
+
+#: The largest API answer read (a full HD ``format=json`` poll is about 10 kB).
+MAX_ANSWER_BYTES = 8 * 1024 * 1024
+
+
+def _buffer(resp: requests.Response, limit: int) -> bool:
+    """Read a streamed body into ``resp`` unless it exceeds ``limit``; return True when it does."""
+    declared = resp.headers.get("Content-Length", "")
+    chunks: list[bytes] = []
+    total = 0
+    over = declared.isdigit() and int(declared) > limit
+    if not over:
+        for chunk in resp.iter_content(1 << 16):
+            total += len(chunk)
+            if total > limit:
+                over = True
+                break
+            chunks.append(chunk)
+    if over:
+        resp.close()
+        chunks = []
+    resp._content = b"".join(chunks)
+    resp._content_consumed = True
+    return over
 
 
 def _request_id(resp: requests.Response | None) -> str | None:
@@ -438,6 +507,7 @@ class Client:
             raise ConfigurationError(f"api_version must be one of {', '.join(API_VERSIONS)}, got {api_version!r}")
         errors.register_secret(key)
         self.__key = key
+        self.allow_insecure_http = bool(allow_insecure_http)
         self.base_url = base
         self.api_version = api_version
         self.upload_path = upload_path
@@ -513,12 +583,14 @@ class Client:
         while True:
             if self.rate_limiter is not None:
                 self.rate_limiter.acquire()
-            headers = {"Authorization": f"Bearer {self.__key}"}
+            headers = {"Authorization": _Secret(f"Bearer {self.__key}")}
             if json_body is not None:
                 headers["Content-Type"] = "application/json"
             try:
                 resp = self.session.request(method, self._url(path), json=json_body, params=params,
-                                            headers=headers, timeout=self.timeout, allow_redirects=False)
+                                            headers=headers, timeout=self.timeout, allow_redirects=False,
+                                            stream=True)
+                oversized = _buffer(resp, MAX_ANSWER_BYTES)
             except requests.exceptions.RequestException as exc:
                 never_sent = _never_connected(exc)
                 if (safe or never_sent) and retries["conn"] < self.retry.max_retries_connection:
@@ -549,14 +621,25 @@ class Client:
                     f"{context or 'request'}: the service answered HTTP {status} to a task creation; the task may "
                     "exist and be billed, so it was not re-sent. Check your ledger or the console before "
                     "submitting again.", status=status, request_id=_request_id(resp))
+            if oversized:
+                text = (f"{context or 'request'}: the answer is larger than {MAX_ANSWER_BYTES // (1 << 20)} MB, far "
+                        "beyond any answer of this API; it was not read.")
+                if not safe and status < 300:
+                    raise TaskFateUnknownError(text + " The task may exist and be billed; it was not re-sent. Check "
+                                               "your ledger or the console.", status=status,
+                                               request_id=_request_id(resp))
+                raise errors.ResultFormatError(text, status=status, request_id=_request_id(resp))
             if status >= 300:
                 raise error_from_response(resp, context=context)
             body = _json_body(resp)
             if body is None:
-                raise errors.ResultFormatError(
-                    f"{context or 'request'}: expected JSON from {urlsplit(resp.url).path}, got "
-                    f"{resp.headers.get('Content-Type', 'no content type')}: {resp.text[:120]!r}",
-                    status=status, request_id=_request_id(resp))
+                text = errors.redact(f"{context or 'request'}: expected JSON from {urlsplit(resp.url).path}, got "
+                                     f"{resp.headers.get('Content-Type', 'no content type')}: {resp.text[:120]!r}")
+                if not safe:
+                    raise TaskFateUnknownError(text + ". The task may exist and be billed; it was not re-sent. Check "
+                                               "your ledger or the console before submitting again.", status=status,
+                                               request_id=_request_id(resp))
+                raise errors.ResultFormatError(text, status=status, request_id=_request_id(resp))
             return (body if raw else unwrap(body)), resp
 
     def _note_backend(self, resp: requests.Response) -> None:
@@ -571,23 +654,47 @@ class Client:
 
     def _storage(self, method: str, url: str, *, data: bytes | None = None, headers: Mapping[str, str] | None = None,
                  timeout: Any = None, stream: bool = False) -> requests.Response:
-        """A storage call (no Authorization), retried as a safe call."""
+        """A storage call (no Authorization), retried as a safe call.
+
+        Redirects are followed by hand (at most 5), and each hop must pass :func:`check_transport`:
+        a redirect to plain http off loopback is refused, not followed.
+        """
         attempt = 0
         while True:
+            failure = None
             try:
-                resp = self.session.request(method, url, data=data, headers=dict(headers or {}),
-                                            timeout=timeout or self.timeout, stream=stream, allow_redirects=True)
+                resp = self._storage_hops(method, url, data=data, headers=headers, timeout=timeout, stream=stream)
             except requests.exceptions.RequestException as exc:
+                failure = type(exc).__name__
+            if failure is not None:  # outside the except block: no chained urllib3 frames holding headers
                 if attempt < self.retry.max_retries_connection:
                     self.retry.sleep(self.retry.delay(attempt))
                     attempt += 1
                     continue
-                raise SkinlabConnectionError(f"storage {method} failed: {type(exc).__name__}") from None
+                raise SkinlabConnectionError(f"storage {method} of {redact_url(url)} failed after "
+                                             f"{attempt + 1} attempts: {failure}. Check the network and try again.")
             if (resp.status_code == 429 or resp.status_code >= 500) and attempt < self.retry.max_retries_5xx:
                 self.retry.sleep(self.retry.delay(attempt))
                 attempt += 1
                 continue
             return resp
+
+    def _storage_hops(self, method: str, url: str, *, data, headers, timeout, stream) -> requests.Response:
+        what = f"storage {method}"
+        for _ in range(6):
+            check_transport(url, allow_insecure_http=self.allow_insecure_http, what=what)
+            resp = self.session.request(method, url, data=data, headers=dict(headers or {}),
+                                        timeout=timeout or self.timeout, stream=stream, allow_redirects=False)
+            if not resp.is_redirect:
+                return resp
+            target = requests.compat.urljoin(resp.url, resp.headers.get("Location", ""))
+            resp.close()
+            if method != "GET" and resp.status_code not in (307, 308):
+                raise UploadError(f"{what}: the storage answered HTTP {resp.status_code}, a redirect that would drop "
+                                  "the upload; no task was created.", status=resp.status_code)
+            what = f"storage {method} redirected by {urlsplit(url).hostname}"
+            url = target
+        raise errors.ResultFormatError(f"storage {method}: more than 5 redirects; giving up.")
 
     # ---- public API
 
@@ -786,7 +893,24 @@ class Client:
         return fetch
 
     def download(self, url: str, *, max_bytes: int = 200 * 1024 * 1024) -> bytes:
-        """GET a result URL (no Authorization) with a size limit."""
+        """GET a result URL (no Authorization) with a size limit.
+
+        A body that stops early (connection dropped, or no data within the read timeout) is
+        fetched again (a safe call), then raises :class:`~skinlab.errors.SkinlabConnectionError`.
+        """
+        for attempt in range(self.retry.max_retries_connection + 1):
+            failure = None
+            try:
+                return self._download_once(url, max_bytes)
+            except requests.exceptions.RequestException as exc:
+                failure = f"{type(exc).__name__}"
+            if attempt < self.retry.max_retries_connection:
+                self.retry.sleep(self.retry.delay(attempt))
+        raise SkinlabConnectionError(
+            f"The download of {redact_url(url)} stopped before the end ({failure}), {attempt + 1} times. Nothing "
+            "was saved from it; poll the task again later (the results stay available for 24 h).")
+
+    def _download_once(self, url: str, max_bytes: int) -> bytes:
         resp = self._storage("GET", url, stream=True)
         if resp.status_code != 200:
             raise APIError(f"Download failed with HTTP {resp.status_code} ({_s3_code(resp)}). Result URLs expire "
@@ -857,10 +981,19 @@ _FILE_ID = re.compile(r"^[A-Za-z0-9+/=_-]{16,}$")
 def classify_source(source: Any) -> tuple[str, Any]:
     """Say how a source is sent: ("url", url), ("file_id", id) or ("upload", source)."""
     if isinstance(source, str):
-        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", source):
-            if not source.lower().startswith(("http://", "https://")):
-                raise InvalidParametersError(f"Only http(s) image URLs can be sent, got {source.split(':')[0]}:// "
-                                             "URL. Download the image and pass the file path instead.")
+        scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]+):", source)  # two letters or more: not a drive letter
+        if scheme and (re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", source)
+                       or (scheme.group(1).lower() in ("data", "file", "javascript", "mailto", "about", "blob")
+                           and not os.path.exists(source))):
+            name = scheme.group(1).lower()
+            if name not in ("http", "https"):
+                hint = (" Decode it to bytes (base64.b64decode) and pass the bytes instead." if name == "data" else
+                        " Pass the file's path instead." if name == "file" else
+                        " Download the image and pass the file path instead.")
+                raise InvalidParametersError(f"Only http(s) image URLs can be sent, got a {name}: URL.{hint}")
+            if not urlsplit(source).hostname:
+                raise InvalidParametersError(f"The URL {source!r} has no host name; give the full address of a "
+                                             "publicly reachable JPEG or PNG, e.g. https://example.com/face.jpg.")
             return "url", source
         if not os.path.exists(source) and _FILE_ID.match(source) and not re.search(r"\.(jpe?g|png)$", source, re.I):
             return "file_id", source

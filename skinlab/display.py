@@ -188,11 +188,13 @@ def _recent(df, max_rows: int):
     return df.tail(max_rows)[_shown_columns(df)]
 
 
-def ledger_html(submissions, *, max_rows: int = 20, title: str = "skinlab ledger") -> str:
+def ledger_html(submissions, *, max_rows: int = 20, title: str = "skinlab ledger", recent=None) -> str:
     """HTML for a ledger's submissions DataFrame: counts by status, backend and tags, a warning
     when local-engine and cloud submissions are both present, and the ``max_rows`` most recent
     rows (key columns such as status, tags, backend and units when present, else all; text
-    escaped). Works with any columns; shows no images or file names."""
+    escaped). Works with any columns; shows no images or file names. ``recent``, when given,
+    holds the rows to list (with more columns than ``submissions``, which then only needs the
+    columns that are counted)."""
     df = submissions
     facts = "".join(f"<tr><th style='text-align:left;padding-right:1em'>{_e(k)}</th>"
                     f"<td style='text-align:left'>{_e(v)}</td></tr>" for k, v in _ledger_facts(df))
@@ -202,8 +204,9 @@ def ledger_html(submissions, *, max_rows: int = 20, title: str = "skinlab ledger
                 f"({_e(', '.join(sorted(map(str, df['backend'].dropna().unique()))))}); their scores are not "
                 "comparable. Filter by backend before comparing.</p>")
     if len(df):
-        shown = _recent(df, max_rows)
-        hidden = len(df.columns) - len(shown.columns)
+        source = df if recent is None else recent
+        shown = _recent(source, max_rows)
+        hidden = len(source.columns) - len(shown.columns)
         more = (f"<p style='color:#555;margin:0.3em 0'>The {len(shown)} most recent of {len(df)} rows"
                 + (f"; {hidden} more columns in the DataFrame" if hidden else "") + ".</p>"
                 if len(shown) < len(df) or hidden else "")

@@ -15,6 +15,7 @@ import re
 __all__ = [
     "SkinlabError",
     "ConfigurationError",
+    "InsecureTransportError",
     "ImageError",
     "InvalidParametersError",
     "MixedBackendsError",
@@ -114,6 +115,14 @@ class SkinlabError(Exception):
 
 class ConfigurationError(SkinlabError):
     """skinlab is not set up for the call (no API key, bad base URL, missing extra)."""
+
+
+class InsecureTransportError(ConfigurationError):
+    """A URL would carry data unencrypted (plain http to a non-loopback host, or not http at all).
+
+    Raised before the request is sent. Pass ``allow_insecure_http=True`` to the client only if
+    you really mean it.
+    """
 
 
 class InvalidParametersError(SkinlabError, ValueError):

@@ -6,14 +6,16 @@ bytes to upload. In order it:
 1. reads the bytes in binary (a text-mode file is an error);
 2. identifies the format from the bytes, not the file name: JPEG and PNG pass; HEIC, WebP,
    GIF, TIFF, BMP, SVG and PDF get an error saying how to convert;
-3. decodes the header to check the pixel size against the tier's minimum short side
-   (480 px SD, 1080 px HD);
+3. refuses images declaring more than :data:`MAX_PIXELS` pixels before decoding them
+   (decompression bombs), then decodes;
 4. applies the EXIF orientation (the image is re-encoded upright);
-5. removes metadata (EXIF with GPS position and camera serial, XMP, IPTC, comments) without
+5. brings unusual pixel formats to 8-bit RGB: CMYK, greyscale (with a warning that colour
+   concerns cannot be measured), 16-bit, palette; transparency is flattened onto white;
+6. removes metadata (EXIF with GPS position and camera serial, XMP, IPTC, comments) without
    touching the pixels where possible;
-6. optionally downscales images whose long side exceeds 2560 px (the service would resize
+7. optionally downscales images whose long side exceeds 2560 px (the service would resize
    them anyway);
-7. checks the 10 MB limit.
+8. checks the tier's minimum short side (480 px SD, 1080 px HD) and the 10 MB limit.
 
 Every change is listed in :attr:`PreparedImage.changes`; nothing is changed silently.
 """
@@ -33,6 +35,7 @@ from .errors import ImageError
 __all__ = [
     "MAX_FILE_BYTES",
     "MAX_LONG_SIDE",
+    "MAX_PIXELS",
     "MIN_SHORT_SIDE",
     "PreparedImage",
     "prepare_image",
@@ -43,6 +46,8 @@ __all__ = [
 MAX_FILE_BYTES = 10 * 1024 * 1024
 #: The service resizes anything longer than this on the long side (§5.4).
 MAX_LONG_SIDE = 2560
+#: Images declaring more pixels than this are refused before decoding (decompression bombs).
+MAX_PIXELS = 90_000_000
 #: Minimum short side per tier (§5.4, check 4).
 MIN_SHORT_SIDE = {"sd": 480, "hd": 1080}
 
@@ -228,6 +233,53 @@ def _strip_png_metadata(data: bytes) -> tuple[bytes, list[str]]:
     return bytes(out), removed
 
 
+def _normalise_mode(img, *, sixteen_bit: bool = False):
+    """Bring an unusual pixel format to 8-bit RGB (or opaque RGBA); return (image, changes).
+
+    CMYK, greyscale, 16-bit, palette and transparent images decode differently from one engine
+    to the next, so they are converted here, and each conversion is reported.
+    """
+    from PIL import Image
+
+    notes: list[str] = []
+    mode = img.mode
+    if mode.startswith("I") or mode == "F":  # 16-bit (or wider) greyscale
+        import numpy as np
+
+        arr = np.asarray(img).astype(np.float64)
+        top = 65535.0 if mode.startswith("I") else max(float(arr.max()), 1.0)
+        img = Image.fromarray(np.clip(np.round(arr * 255.0 / top), 0, 255).astype(np.uint8), "L")
+        notes.append("reduced 16-bit greyscale to 8 bits")
+        mode = "L"
+    elif sixteen_bit:
+        notes.append("reduced 16 bits per channel to 8")
+    if mode == "CMYK":
+        img = img.convert("RGB")
+        notes.append("converted CMYK colour to RGB")
+    elif mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        notes.append("converted the palette (indexed-colour) image to RGB")
+    elif mode in ("L", "LA", "1"):
+        img = img.convert("LA" if mode == "LA" else "RGB")
+        notes.append("converted greyscale to RGB: colour concerns (redness, age spots, dark circles, radiance) "
+                     "cannot be measured on a greyscale photo")
+    elif mode not in ("RGB", "RGBA", "LA"):
+        img = img.convert("RGB")
+        notes.append(f"converted {mode} pixels to RGB")
+    if img.mode in ("RGBA", "LA"):
+        alpha = img.getchannel("A")
+        if alpha.getextrema()[0] < 255:
+            share = sum(alpha.histogram()[:255]) / (img.width * img.height)
+            flat = Image.new("RGB", img.size, (255, 255, 255))
+            flat.paste(img.convert("RGBA"), mask=alpha)
+            img = flat
+            notes.append(f"flattened transparency onto white ({share:.0%} of the pixels were not opaque; the "
+                         "analysis does not use transparency)")
+        elif img.mode == "LA":
+            img = img.convert("RGB")
+    return img, notes
+
+
 def _encode(img, fmt: str) -> bytes:
     buf = io.BytesIO()
     if fmt == "jpeg":
@@ -270,26 +322,49 @@ def prepare_image(source: ImageSource, *, tier: str = "sd", downscale: bool = Fa
     label = repr(name) if name else "the image"
     fmt = sniff_format(data)
     if fmt == "empty":
-        raise ImageError(f"{label} is empty (0 bytes).")
+        raise ImageError(f"{label} is empty (0 bytes). Check that the file was copied or downloaded completely.")
     if fmt not in ("jpeg", "png"):
-        what = "not an image" if fmt == "unknown" else f"a {fmt.upper()} file"
+        if fmt == "unknown":
+            what = (f"not an image (it starts with {bytes(data[:12])!r}; a text or web page saved under an "
+                    "image name?)")
+        else:
+            what = f"a {fmt.upper()} file"
         raise ImageError(f"{label} is {what}; the service accepts only JPEG and PNG. {_CONVERT_HINT}")
     try:
         img = Image.open(io.BytesIO(data))
+        if img.width * img.height > MAX_PIXELS:
+            raise ImageError(
+                f"{label} declares {img.width}x{img.height} pixels ({img.width * img.height / 1e6:.0f} megapixels), "
+                f"more than the {MAX_PIXELS / 1e6:.0f} MP skinlab decodes; it may be a decompression bomb. If it "
+                f"is a real photo, downscale it first (the service works at {MAX_LONG_SIDE} px at most anyway).")
         img.load()
+    except ImageError:
+        raise
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"{label} is too large to decode safely ({exc}).") from None
+        raise ImageError(f"{label} is too large to decode safely ({exc}); it may be a decompression bomb.") from None
     except Exception as exc:
-        raise ImageError(f"{label} looks like {fmt.upper()} but cannot be decoded ({exc}); it may be truncated.") from None
+        raise ImageError(f"{label} looks like {fmt.upper()} but cannot be decoded ({exc}); it may be truncated. "
+                         "Export it again from the original.") from None
 
     orientation = img.getexif().get(0x0112, 1)
+    reencode = False
     if orientation not in (1, None):
         img = ImageOps.exif_transpose(img)
-        data = _encode(img, fmt)
+        reencode = True
         changes.append(f"rotated upright from EXIF orientation {orientation} and re-encoded as {fmt.upper()}"
                        + (" (quality 95)" if fmt == "jpeg" else ""))
+    img, notes = _normalise_mode(img, sixteen_bit=fmt == "png" and len(data) > 24 and data[24] == 16)
+    if notes:
+        reencode = True
+        changes.extend(notes)
     stripper = _strip_jpeg_metadata if fmt == "jpeg" else _strip_png_metadata
-    data, removed = stripper(data)
+    if reencode:  # re-encoding drops the metadata too: report what the original carried
+        _, removed = stripper(data)
+        data = _encode(img, fmt)
+    else:
+        removed = []
+    data, more = stripper(data)
+    removed += more
     if removed:
         changes.append(f"removed metadata ({', '.join(sorted(set(removed)))}): GPS position, camera serial "
                        "and other EXIF fields are not uploaded")
@@ -309,7 +384,8 @@ def prepare_image(source: ImageSource, *, tier: str = "sd", downscale: bool = Fa
         raise ImageError(
             f"{label} is {width}x{height}; {tier.upper()} analysis needs a short side of at least {need} px. "
             + ("Use SD actions (480 px minimum) or " if tier == "hd" and min(width, height) >= 480 else "")
-            + "use a larger photo (upscaling does not add detail)."
+            + ("use" if tier == "hd" and min(width, height) >= 480 else "Use")
+            + " a larger photo (upscaling does not add detail)."
         )
     if len(data) > MAX_FILE_BYTES:
         hint = (" Pass downscale=True to resize it to a 2560 px long side, or re-encode as JPEG quality 90."

@@ -886,8 +886,7 @@ def cohort(df, by: str = "condition", *, score: str = "ui", concerns=None, regio
                for g, c in zip(groups, colors)]
     ax.legend(handles=handles, title=by, fontsize="small", title_fontsize="small", loc="upper left",
               bbox_to_anchor=(1.01, 1.0), frameon=False)
-    ax.set_xticks(range(len(keys)), [labels[k] for k in keys], rotation=30 if len(keys) > 4 else 0,
-                  ha="right" if len(keys) > 4 else "center")
+    ax.set_xticks(range(len(keys)), [labels[k] for k in keys])
     ax.set_xlim(-0.6, len(keys) - 0.4)
     if ylim is not None:
         ax.set_ylim(*ylim)
@@ -898,7 +897,33 @@ def cohort(df, by: str = "condition", *, score: str = "ui", concerns=None, regio
         ax.spines[side].set_visible(False)
     where = "" if region in (None, "whole") else f" ({region_label(region)})"
     _title(ax, title or f"Scores by {by}{where}", _instrument_note(data))
+    _fit_xticklabels(ax)
     return fig
+
+
+def _fit_xticklabels(ax) -> None:
+    """Concern names along x: level when they fit side by side; else slanted at 45 degrees and
+    anchored at their tick, which keeps them parallel and apart when the tick spacing times
+    sin 45 exceeds the text height; else upright. Measured on the laid-out figure, so it holds
+    for the figure size the caller chose."""
+    import math
+
+    labels = [t for t in ax.get_xticklabels() if t.get_text()]
+    if len(labels) < 2:
+        return
+    for t in labels:
+        t.set(rotation=0, rotation_mode="default", ha="center", va="top")
+    ax.figure.draw_without_rendering()
+    renderer = ax.figure.canvas.get_renderer()
+    boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda b: b.x0)
+    if all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])):
+        return
+    height = max(b.height for b in boxes)
+    xs = sorted(ax.transData.transform([(x, 0) for x in ax.get_xticks()])[:, 0])
+    gap = min(b - a for a, b in zip(xs, xs[1:]))
+    angle = 45 if gap * math.sin(math.radians(45)) >= 1.15 * height else 90
+    for t in labels:
+        t.set(rotation=angle, rotation_mode="anchor", ha="right", va="top" if angle == 45 else "center")
 
 
 def _time_axis(data, time: str, order):

@@ -329,16 +329,12 @@ class AnalysisResult:
     def mask(self, action: str, region: str = "whole"):
         """The mask of ``action``/``region`` as a PIL image (RGBA, or RGB with the overlay),
         aligned with :meth:`resize_image`."""
-        from PIL import Image
-
         for e in self.entries:
             if e.action == action and e.region == region:
                 data = self._bytes(e.mask)
                 if data is None:
                     raise ResultFormatError(f"The mask of {action}/{region} ({e.mask}) is not in the result.")
-                img = Image.open(io.BytesIO(data))
-                img.load()
-                return img
+                return _open_image(_checked_image(data, f"the mask of {action}/{region}"))
         raise KeyError(f"No mask for {action!r} / {region!r}")
 
     @property
@@ -351,14 +347,10 @@ class AnalysisResult:
 
         Deliberately a method, not shown in reprs, so a notebook never fills with faces by accident.
         """
-        from PIL import Image
-
         data = self._bytes(self._resize_ref)
         if data is None:
             return None
-        img = Image.open(io.BytesIO(data))
-        img.load()
-        return img
+        return _open_image(_checked_image(data, "resize_image"))
 
     # ---- output
 
@@ -384,11 +376,11 @@ class AnalysisResult:
             for (action, region), name in self.mask_names.items():
                 data = self._bytes(next(e.mask for e in self.entries if e.action == action and e.region == region))
                 if data is not None:
-                    (folder / _safe_local_name(name)).write_bytes(data)
+                    (folder / _safe_local_name(name)).write_bytes(_checked_image(data, f"mask {name}"))
         if image:
             data = self._bytes(self._resize_ref)
             if data is not None:
-                (folder / "resize_image.jpg").write_bytes(data)
+                (folder / "resize_image.jpg").write_bytes(_checked_image(data, "resize_image"))
         return folder
 
     def __repr__(self) -> str:
@@ -401,6 +393,30 @@ class AnalysisResult:
         from .display import repr_html  # status, backend, engine, score table; never an image
 
         return repr_html(self)
+
+
+def _checked_image(data: bytes, what: str) -> bytes:
+    """``data`` if it is a PNG or JPEG, else a ResultFormatError saying what arrived instead."""
+    from .images import sniff_format
+
+    fmt = sniff_format(data)
+    if fmt not in ("png", "jpeg"):
+        head = bytes(data[:60]).decode("utf-8", "replace").strip()
+        raise ResultFormatError(f"{what} should be a PNG or JPEG image but is {len(data)} bytes starting {head!r} "
+                                "(an error page?). The result URL may have expired: poll the task again.")
+    return data
+
+
+def _open_image(data: bytes):
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as exc:
+        raise ResultFormatError(f"A result image cannot be decoded ({type(exc).__name__}: {exc}); it is damaged or "
+                                "truncated. Poll the task again to download it afresh.") from None
+    return img
 
 
 def _safe_local_name(name: str) -> str:

@@ -155,3 +155,65 @@ def test_kill_9_midway_then_rerun_bills_no_image_twice(cohort, tmp_path):
     for _, row in final.iterrows():
         ok = row.status == "success" or (row.status == "error" and row.error_code == "error_src_face_too_small")
         assert ok or (row.status == "ambiguous" and row.next_step), row.to_dict()
+
+
+def test_ctrl_c_stops_cleanly_with_everything_recorded(cohort, tmp_path):
+    """Ctrl-C in the middle of a batch (a real KeyboardInterrupt in the main thread, as the notebook's
+    interrupt button raises): analyze_many returns a report instead of raising, starts no new image,
+    and a re-run finishes the rest without billing any image twice."""
+    import _thread
+    from collections import Counter
+
+    def on_update(item):
+        if item.outcome == "done" and not pressed.is_set():
+            pressed.set()
+            _thread.interrupt_main()  # KeyboardInterrupt in the main thread, inside analyze_many's wait
+
+    pressed = threading.Event()
+    ledger = Ledger(tmp_path / "study" / "ledger.sqlite")
+    with skinlab.local.serve(task_duration_s=0.2) as server, _client(server) as client:
+        report = analyze_many(cohort, "redness", ledger=ledger, client=client, progress=False, max_workers=1,
+                              on_update=on_update)
+        assert pressed.is_set()
+        assert report.stopped and "interrupted (Ctrl-C)" in report.stopped and "ledger.resume" in report.stopped
+        # as it was when analyze_many returned (a photo in flight goes on in its worker and updates its item)
+        counts = {k: report.count(k) for k in ("done", "failed", "interrupted", "running")}
+        summary = report.summary()
+        assert counts["done"] >= 1 and counts["interrupted"] >= 1 and sum(counts.values()) == 7, counts
+        assert "stopped early: interrupted" in summary
+        assert ("still in flight" in summary) == bool(counts["running"])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(t.name.startswith("skinlab-batch") for t in threading.enumerate()):
+            time.sleep(0.05)
+        recorded = ledger.submissions()
+        assert len(recorded) == counts["done"] + counts["failed"] + counts["running"]  # the rest were never sent
+        assert report.count("running") == 0 and report.count("interrupted") == counts["interrupted"]
+        assert set(recorded.status) <= {"success", "running", "error"}, recorded[["status", "error_code"]]
+        ledger.resume(client)
+        rerun = analyze_many(cohort, "redness", ledger=ledger, client=client, progress=False, max_workers=2)
+        assert rerun.stopped is None and rerun.count("done") + rerun.count("reused") == 6
+        billed = Counter(server.app.task(t).source_sha256 for t in server.app.task_ids()
+                         if server.app.task(t).state == "success")
+        assert len(billed) == 6 and max(billed.values()) == 1
+
+
+def test_progress_bar_is_tqdm_auto_with_widgets_and_plain_text_without(monkeypatch):
+    from tqdm import std
+
+    from skinlab import batch
+
+    assert batch._progress(3, enabled=False) is None
+    pytest.importorskip("ipywidgets")
+    bar = batch._progress(3, enabled=True)
+    try:
+        import tqdm.auto
+
+        assert type(bar) is tqdm.auto.tqdm  # a widget bar in a notebook kernel, text elsewhere
+    finally:
+        bar.close()
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)  # as if ipywidgets were not installed
+    bar = batch._progress(3, enabled=True)
+    try:
+        assert type(bar) is std.tqdm and bar.total == 3
+    finally:
+        bar.close()

@@ -236,6 +236,26 @@ def test_q7_unknown_keys_everywhere_and_url_null(srv):
     assert not [q for q in srv.requests if FID in unquote(q["path"])]
 
 
+@pytest.mark.parametrize("with_url", [True, False], ids=["url-null", "no-url-key"])
+def test_q7_entries_with_or_without_the_url_key(srv, with_url):
+    base = f"{srv.url}/_storage/m"
+    out = [json_entry("pore", 70.25, 80, url=f"{base}/pore_output.png"),
+           json_entry("skin_type", region="t_zone", skin_type="Oily", url=f"{base}/skin_type_t_zone_output.png"),
+           {"type": "all", "score": 80, "url": None}, {"type": "skin_age", "score": 33, "url": None},
+           json_entry("resize_image", url=f"{base}/resize_image.jpg")]
+    if not with_url:
+        for e in out:
+            del e["url"]
+    assert all(("url" in e) is with_url for e in out)
+    srv.route("GET", POLL, success({"output": out}))
+    srv.route("GET", "/_storage/m/pore_output.png", (200, image_bytes()))
+    srv.route("GET", "/_storage/m/resize_image.jpg", (200, image_bytes("JPEG", mode="RGB")))
+    r = client_for(srv).task(TASK).wait(timeout=5)
+    assert r.score("pore") == 70.25 and r.overall == 80.0 and r.skin_age == 33
+    assert r.skin_types == {"t_zone": "Oily"}
+    assert r.mask("pore").mode == "RGBA" and r.resize_image().size == (60, 80)
+
+
 # ---- 8. raw_score / all.score as integers or floats; skin_age an integer
 
 @pytest.mark.parametrize("kind", [int, float], ids=["int", "float"])
@@ -350,6 +370,32 @@ def test_q15_polling_interval_ignored(srv, monkeypatch, present):
     assert r.score("pore") == 70.0 and sleeps == [1.0, 1.0]       # the schedule, never 2000 (s or ms)
 
 
+# ---- 16. one fault, two texts: the class comes from the status and error_code, never the text
+
+@pytest.mark.parametrize("with_code", [True, False], ids=["with-code", "without-code"])
+@pytest.mark.parametrize("text", ["Not available dst_action hd_x", "0 is not one of the accepted values."],
+                         ids=["documented-text", "index-text"])
+def test_q16_bad_action_in_either_text(srv, text, with_code):
+    body = {"status": 400, "error": text, **({"error_code": "InvalidParameters"} if with_code else {})}
+    srv.route("POST", CREATE, (400, body))
+    with pytest.raises(errors.SkinlabError) as info:
+        client_for(srv).submit(FID, ["pore"])
+    assert type(info.value) is errors.InvalidParametersError
+    assert info.value.code == ("InvalidParameters" if with_code else None) and text in str(info.value)
+    assert len(srv.calls("POST", CREATE)) == 1
+
+
+@pytest.mark.parametrize("text, code, cls", [
+    ("Not available dst_action pore", "CreditInsufficiency", errors.InsufficientCreditsError),
+    ("Insufficient units to run this task", "InvalidParameters", errors.InvalidParametersError)],
+    ids=["units-code", "params-code"])
+def test_q16_error_code_not_text_decides(srv, text, code, cls):
+    srv.route("POST", CREATE, (400, {"status": 400, "error": text, "error_code": code}))
+    with pytest.raises(errors.SkinlabError) as info:
+        client_for(srv).submit(FID, ["pore"])
+    assert type(info.value) is cls and info.value.code == code
+
+
 # ---- 17. task ids of 64 or 107 characters
 
 @pytest.mark.parametrize("task_id", [TASK64, TASK], ids=["64", "107"])
@@ -359,6 +405,19 @@ def test_q17_task_id_of_any_length(srv, task_id):
     task = client_for(srv).submit(FID, ["pore"], format="json")
     assert task.task_id == task_id and task.wait(timeout=5).task_id == task_id
     assert srv.calls("GET")[0]["path"].rsplit("/", 1)[1] == task_id
+
+
+@pytest.mark.parametrize("file_id", [FID, "sKu1dDKFvwQ2i6r7fPZMV9m4e1gNdC9CQTQPphsFMnVic0sUTUk02w7IxDtFjQ"],
+                         ids=["plus-slash-equals", "plain"])
+def test_q17_file_id_with_or_without_base64_specials(srv, file_id):
+    srv.route("POST", "/s2s/v2.0/file", (200, slot_body(srv, file_id=file_id)))
+    srv.route("PUT", "/_storage/upload/abc.jpg", (200, b""))
+    srv.route("POST", CREATE, envelope({"task_id": TASK}))
+    c = client_for(srv)
+    assert c.upload(jpeg()) == file_id                            # kept exactly, no decoding or quoting
+    c.submit(file_id, ["pore"])                                   # and sent back as a file_id
+    assert json.loads(srv.calls("POST", CREATE)[0]["body"])["src_file_id"] == file_id
+    assert not [q for q in srv.requests if file_id in unquote(q["path"])]   # never in a URL
 
 
 # ---- 18. 429 from any endpoint, with no Retry-After
@@ -395,6 +454,19 @@ def test_q18_429_on_every_endpoint_is_retried(srv, endpoint):
     policy, sleeps = recording_policy()
     call(client_for(srv, retry=policy), srv)
     assert len(srv.calls(method, path)) == 3 and len(sleeps) == 2
+
+
+@pytest.mark.parametrize("retry_after", [None, "3600"], ids=["no-retry-after", "retry-after"])
+def test_q18_backoff_is_the_same_with_or_without_retry_after(srv, retry_after):
+    _scripted_ok(srv)
+    headers = {} if retry_after is None else {"Retry-After": retry_after}
+    limited = (429, {"status": 429, "error": "Too many requests"}, headers)
+    srv.route("GET", CREDIT, limited, limited, (200, example("credit-response.json")))
+    policy, sleeps = recording_policy(seed=3)
+    assert client_for(srv, retry=policy).balance() == pytest.approx(269.5)
+    rng = random.Random(3)
+    assert sleeps == [rng.uniform(0, cap) for cap in (1, 2)]      # the policy's backoff, no header needed
+    assert len(srv.calls("GET", CREDIT)) == 3
 
 
 # ---- 19. HTTP 500 TaskTimeout on a poll; 500 or 404 when the upload was skipped

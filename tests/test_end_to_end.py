@@ -1,11 +1,19 @@
 """The main job end to end: real public-domain portraits through the client, over HTTP, on the local backend."""
 
+import argparse
 import io
 import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 import skinlab
 from skinlab import errors
@@ -148,7 +156,7 @@ def test_cli_main_job(tmp_path, monkeypatch, capsys):
                  "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "Backend: LOCAL" in out and "not clinically validated" in out
+    assert "Backend: LOCAL" in out and "(no API key set)" in out and "not clinically validated" in out
     assert "redness" in out and "overall score" in out
     folder = tmp_path / "out" / "astronaut_sd"
     assert sorted(p.name for p in folder.glob("*.png")) == [
@@ -177,3 +185,176 @@ def test_cli_actions_lists_catalogue(capsys):
     assert main(["actions"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in CATALOGUE)
+
+
+# ---------------------------------------------------------------------------- the README, as written
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _readme_blocks(lang: str) -> list[str]:
+    """The fenced code blocks of the README whose info string is ``lang`` ("" for plain fences)."""
+    blocks, current, info = [], None, None
+    for line in README.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            if current is None:
+                current, info = [], line[3:].strip()
+            else:
+                if info == lang:
+                    blocks.append("\n".join(current) + "\n")
+                current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+def test_readme_python_examples_run_as_written(tmp_path, monkeypatch, local_server):
+    """Every ```python block of the README, in order, in one namespace, unchanged. ``face.jpg`` and
+    ``photos/`` are the files the examples name; the "cloud" (``skinlab.Client()`` with a key) is
+    the local emulator standing in for the service's URL."""
+    pytest.importorskip("ipywidgets")  # the last block shows the form
+    import skinlab.client as client_module
+
+    blocks = _readme_blocks("python")
+    assert len(blocks) >= 4 and any("skinlab.Client()" in b for b in blocks)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(client_module, "DEFAULT_BASE_URL", local_server.url)
+    monkeypatch.setenv("SKINLAB_API_KEY", "readme-example-key")
+    monkeypatch.delenv("YOUCAM_API_KEY", raising=False)
+    sample_portrait("astronaut", "hd").save("face.jpg", quality=92)  # HD: one example asks for hd_ actions
+    Path("photos").mkdir()
+    for subject, name in (("S01", "astronaut"), ("S02", "grace_hopper")):
+        base = sample_portrait(name, "sd")
+        for timepoint, gain in (("T0", 1.0), ("T1", 0.92)):
+            ImageEnhance.Brightness(base).enhance(gain).save(f"photos/{subject}_{timepoint}.jpg", quality=92)
+    ns: dict = {}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"README.md python block {i + 1}", "exec"), ns)
+    # what the comments in the examples promise
+    assert set(ns["task"].result().scores["action"]) == {"hd_wrinkle", "hd_pore"}
+    assert set(ns["result"].scores["action"]) == {"redness", "dark_circle_v2"} and ns["result"].backend == "local"
+    assert (tmp_path / "out" / "face" / "scores.csv").exists()
+    assert sorted(p.name for p in (tmp_path / "out" / "face").glob("*.png")) == [
+        "pore_output.png", "redness_output.png", "wrinkle_output.png"]
+    report, ledger = ns["report"], ns["ledger"]
+    assert report.count("done") == 4 and "units spent" in report.summary()
+    assert (tmp_path / "study" / "ledger.sqlite").exists() and (tmp_path / "study" / "results").is_dir()
+    tidy = ledger.scores(backend="local")
+    assert set(tidy["subject"]) == {"S01", "S02"} and set(tidy["timepoint"]) == {"T0", "T1"}
+    assert len(ledger.wide()) == 4
+    ledger.close()
+
+
+def _readme_command_lines() -> list[str]:
+    """Every ``skinlab ...`` command the README shows, in code blocks or inline code."""
+    text = README.read_text(encoding="utf-8")
+    lines = [ln.split("#")[0].strip() for block in _readme_blocks("") for ln in block.splitlines()]
+    lines += re.findall(r"`(skinlab [^`]+)`", text)
+    return [ln for ln in lines if ln.startswith("skinlab ")]
+
+
+def _concrete(line: str) -> list[str]:
+    """A README synopsis as a concrete command line: optional parts taken, placeholders filled."""
+    line = re.sub(r"\[(--[\w-]+)(?: ([^\]|]+)(?:\|[^\]]+)?)?\]", lambda m: f"{m[1]} {m[2] or ''}", line)
+    words = shlex.split(line)[1:]
+    fill = {"PHOTO...": "face.jpg", "DIR": "out", "PATH": "study/ledger.sqlite"}
+    return [fill.get(w, w) for w in words]
+
+
+def test_readme_command_lines_parse():
+    from skinlab.cli import build_parser
+
+    lines = _readme_command_lines()
+    commands = {ln.split()[1] for ln in lines}
+    assert {"analyze", "actions", "serve", "sample", "app"} <= commands, commands
+    parser = build_parser()
+    for line in lines:
+        try:
+            args = parser.parse_args(_concrete(line))
+        except SystemExit:  # argparse refuses: the README shows an option the command does not have
+            pytest.fail(f"the README's command does not parse: {line}")
+        assert args.command == line.split()[1]
+    synopsis = parser.parse_args(_concrete(
+        "skinlab analyze PHOTO... --actions wrinkle,pore,redness [--hd] [--format json|zip] [--out DIR]"))
+    assert (synopsis.photos, synopsis.actions, synopsis.hd, synopsis.format, synopsis.out) == (
+        ["face.jpg"], "wrinkle,pore,redness", True, "json", "out")
+
+
+def test_cli_help_describes_every_option(capsys):
+    from skinlab.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"skinlab {name} {action.option_strings[0]} has no help text"
+
+
+def test_cli_folder_with_ledger_pattern_tags_and_dry_run(tmp_path, monkeypatch, capsys, local_server):
+    from skinlab.cli import main
+    from skinlab.ledger import Ledger
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for subject, name in (("S01", "astronaut"), ("S02", "grace_hopper")):
+        sample_portrait(name, "sd").save(photos / f"{subject}_T0.jpg", quality=92)
+    ledger = tmp_path / "study" / "ledger.sqlite"
+    base = ["analyze", str(photos), "--actions", "redness", "--ledger", str(ledger), "--base-url", local_server.url,
+            "--out", str(tmp_path / "out")]
+    monkeypatch.setenv("SKINLAB_API_KEY", "cli-folder-key")
+    before = len(local_server.app.task_ids())
+    assert main(base + ["--pattern", "{subject}_{timepoint}.jpg", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "DRY RUN on the LOCAL backend" in out and "would submit 2 image(s)" in out and "estimated cost 18" in out
+    assert "Backend: LOCAL" in out and "the API key is not used" in out  # a key is set, but this is local
+    assert len(local_server.app.task_ids()) == before  # nothing created
+    assert main(base + ["--pattern", "{subject}_{timepoint}.jpg"]) == 0
+    out = capsys.readouterr().out
+    assert "done 2" in out and "units spent 18" in out
+    subs = Ledger(ledger).submissions()
+    assert sorted(zip(subs.subject, subs.timepoint)) == [("S01", "T0"), ("S02", "T0")]
+    # a tag sheet with the same run: nothing is billed again, and a photo missing from the sheet stops it first
+    sheet = tmp_path / "tags.csv"
+    sheet.write_text("filename,subject,condition\nS01_T0.jpg,S01,placebo\nS02_T0.jpg,S02,active\n")
+    assert main(base + ["--tags", str(sheet)]) == 0
+    assert "reused 2 (no new task)" in capsys.readouterr().out
+    assert len(local_server.app.task_ids()) == before + 2
+    sheet.write_text("filename,subject\nS01_T0.jpg,S01\n")
+    assert main(base + ["--tags", str(sheet)]) == 2
+    assert "no row for 1 file(s): S02_T0.jpg" in capsys.readouterr().out
+    assert main(base + ["--tags", str(sheet), "--pattern", "{subject}.jpg"]) == 2
+    assert "not both" in capsys.readouterr().out
+
+
+def test_cli_sample_writes_the_cropped_portrait(tmp_path, capsys):
+    from skinlab.cli import main
+
+    assert main(["sample", "astronaut", "--hd", "-o", str(tmp_path / "astronaut_hd.jpg")]) == 0
+    with Image.open(tmp_path / "astronaut_hd.jpg") as img:
+        assert img.format == "JPEG" and min(img.size) >= 1080
+    assert main(["sample", "grace_hopper", "--uncropped", "-o", str(tmp_path / "gh.jpg")]) == 0
+    with Image.open(tmp_path / "gh.jpg") as img:
+        assert img.size == Image.open(io.BytesIO(_jpeg(sample_portrait("grace_hopper", crop=False)))).size
+    assert f"wrote {tmp_path / 'gh.jpg'}" in capsys.readouterr().out
+
+
+def test_cli_serve_runs_the_emulator_until_interrupted(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("SKINLAB_API_KEY", "YOUCAM_API_KEY")}
+    proc = subprocess.Popen([sys.executable, "-m", "skinlab.cli", "serve", "--port", "0", "--task-duration", "0",
+                             "--units", "50"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        first = proc.stdout.readline()
+        url = re.search(r"at (http://127\.0\.0\.1:\d+)", first)
+        assert url, first
+        with Client("serve-key", base_url=url[1], poll_schedule=FAST_POLL) as c:
+            assert c.balance() == 50
+            result = c.analyze(sample_portrait("astronaut", "sd"), ["redness"])
+            assert result.score("redness") is not None and c.balance() == 50 - 9
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=30)[0]
+        assert proc.returncode == 0 and "stopping" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,6 +1,7 @@
 """The experiment ledger against the local emulator: recording, reuse, ambiguity, resume, tables, exports."""
 
 import hashlib
+import re
 import shutil
 import sqlite3
 import warnings
@@ -161,6 +162,59 @@ def test_same_submission_is_reused_across_restarts_and_force_bills_again(tmp_pat
     assert forced.status == "success" and not forced.reused and forced.id not in (first.id, other_fmt.id)
     assert len(tasks_of(server, key)) == n_tasks + 2
     assert server.app.balance(key) == balance - 2 * estimate_units(["wrinkle", "pore"])
+
+
+@pytest.fixture(scope="module")
+def photo_site(photos):
+    """A plain HTTP server answering every GET with one of the test photos (for src_file_url)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    body = photos[2].read_bytes()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_url_and_file_id_sources_are_identified_by_url_and_id(ledger, server, photos, photo_site):
+    key = "k-url-id"
+    client = make_client(server, key)
+    url = f"{photo_site}/study/S07_T1.jpg"
+    by_url = ledger.submit(client, url, ["redness"])
+    assert by_url.status == "success" and by_url.image_name == "S07_T1.jpg"
+    row = ledger.submissions(ids=[by_url.id]).iloc[0]
+    assert (row.source_kind, row.source_key, row.image_sha256) == ("url", f"url:{url}", None)
+    n = len(tasks_of(server, key))
+    with pytest.warns(LedgerReuseWarning):
+        assert ledger.submit(client, url, ["redness"]).id == by_url.id  # the same URL: reused
+    assert len(tasks_of(server, key)) == n
+    other = ledger.submit(client, url + "?v=2", ["redness"])  # another URL (same bytes): a new task
+    assert not other.reused and len(tasks_of(server, key)) == n + 1
+    file_id = client.upload(photos[2])
+    by_id = ledger.submit(client, file_id, ["redness"])
+    row = ledger.submissions(ids=[by_id.id]).iloc[0]
+    assert (row.source_kind, row.source_key, row.file_id) == ("file_id", f"file_id:{file_id}", file_id)
+    with pytest.warns(LedgerReuseWarning):
+        assert ledger.submit(client, file_id, ["redness"]).id == by_id.id
+    assert len(tasks_of(server, key)) == n + 2
+    # the bytes themselves are a third identity, neither the URL nor the file id
+    by_bytes = ledger.submit(client, photos[2], ["redness"])
+    assert not by_bytes.reused and by_bytes.id not in (by_url.id, other.id, by_id.id)
+    assert len(tasks_of(server, key)) == n + 3
 
 
 def test_failed_task_is_recorded_unbilled_and_can_be_raised(ledger, server, photos):
@@ -507,6 +561,28 @@ def test_record_and_submission_objects(ledger, tmp_path):
         ledger.result(sub.id)  # recorded from a dict: scores only, no results folder
     with pytest.raises(LedgerError, match="No submission 999"):
         ledger.get(999)
+
+
+def test_ledger_displays_as_html_in_a_notebook(ledger):
+    assert "No submissions yet" in ledger._repr_html_()
+    for i in range(24):
+        ledger.record(_fake_result("local", "skinlab-local 1", value=10 + i), image_name=f"private_name_{i}.jpg",
+                      tags={"subject": f"S{i % 3}", "condition": "<b>arm</b>" if i == 23 else "A", "visit": str(i)})
+    ledger.record(_fake_result("cloud", "youcam-skin-analysis v2.0", value=90), image_name="cloud.jpg")
+    page = ledger._repr_html_()
+    assert "Submissions</th><td style='text-align:left'>25" in page
+    assert "Status</th><td style='text-align:left'>success: 25" in page
+    assert "local: 24, cloud: 1" in page and "mixes backends (cloud, local)" in page
+    assert "The 20 most recent of 25 rows" in page
+    listed = page.split("most recent")[1]
+    ids = [int(x) for x in re.findall(r"<tr>\s*<td>(\d+)</td>", listed)]
+    assert ids == list(range(6, 26))  # the 20 most recent, oldest first; 1-5 are only counted
+    assert "tag_visit" in listed and "units_charged" in listed and "90.0" in listed  # the listed rows in full
+    assert "&lt;b&gt;arm&lt;/b&gt;" in page and "<b>arm" not in page
+    assert "private_name" not in page and "<img" not in page  # no file names, no faces
+    assert ledger._repr_html_(max_rows=3).count("<tr>") < page.count("<tr>")
+    ledger.close()
+    assert ledger._repr_html_() is None  # a broken display falls back to the text repr instead of raising
 
 
 def test_a_create_in_flight_in_another_thread_is_waited_for_not_repeated(ledger, server, photos):

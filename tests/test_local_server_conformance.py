@@ -2,13 +2,15 @@
 
 Plain `requests` against :class:`skinlab.local.LocalServer`; no skinlab client code. The few
 checks that look inside the emulator (the settings defaults, the JSON number rule) use only
-``skinlab.local`` itself. The full map of §9.1 to tests is docs/contract-conformance.md.
+``skinlab.local`` itself. The full map of §9.1 to tests is docs/contract-conformance.md; the last
+test here checks that every test the map cites still exists.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import re
 from types import SimpleNamespace
 
@@ -293,3 +295,241 @@ def test_zip_masks_at_the_resized_size(local_server):
     expected = (round(2000 * 2560 / 2667), 2560)
     sizes = {n.split("/")[1]: Image.open(io.BytesIO(zf.read(n))).size for n in zf.namelist() if not n.endswith(".json")}
     assert set(sizes) == {"redness_output.png", "resize_image.jpg"} and set(sizes.values()) == {expected}
+
+
+# ----------------------------------------------------------------------------------------------
+# §4.4: the whole validation ladder, each step fixed in turn while every later fault stays
+# ----------------------------------------------------------------------------------------------
+
+def test_create_validation_ladder_every_step_in_order():
+    five_hd = ["hd_redness", "hd_acne", "hd_pore", "hd_wrinkle", "hd_texture"]        # 16 units
+    with serve(task_duration_s=0, initial_units=12, rate_limit=None) as srv:
+        api = Api(srv.url, "ladder")
+        body = {"zzz": 1, "dst_actions": None, "format": "png", "miniserver_args": [], "pf_camera_kit": "x"}
+        srv.faults.rate_limit(route="create")
+        resp = api.post("/s2s/v2.1/task/skin-analysis", body, headers={"Authorization": "Bearer <KEY>"})
+        assert resp.json() == example("error-401.json")                                   # step 1 before 2
+        resp = api.create(body, "v2.1")
+        assert resp.json() == example("error-429.json")                                   # step 2 before 3
+        assert api.post("/s2s/v2.1/task/skin-analysis", data=b"[1]").json() == error_body(
+            400, "Request body must be a JSON object", "InvalidParameters")               # step 3
+        rungs = [
+            ({}, "src_file_id is required but wasn't included in your request", "InvalidParameters"),     # 4a
+            ({"src_file_id": FID, "src_file_url": "https://a.test/x.jpg"},
+             "src_file_id and src_file_url cannot both be set", "InvalidParameters"),                      # 4b
+            ({"src_file_url": None, "src_file_id": ""}, "src_file_id must be a non-empty string",
+             "InvalidParameters"),                                                                         # 4c
+            ({"src_file_id": FID}, "Unexpected request parameter zzz", "BadRequest"),                      # 5
+            ({"zzz": None}, "dst_actions is required but wasn't included in your request", "InvalidParameters"),
+            ({"dst_actions": "hd_redness"}, "dst_actions must be an array of strings", "InvalidParameters"),
+            ({"dst_actions": []}, "dst_actions must not be empty", "InvalidParameters"),                   # 6c
+            ({"dst_actions": ["nope"] + five_hd + ["redness"]}, "Not available dst_action nope",
+             "InvalidParameters"),                                                                         # 6d
+            ({"dst_actions": five_hd + ["redness"]}, "cannot mix HD and SD dst_actions", "InvalidParameters"),
+            ({"dst_actions": five_hd}, "Not available format png", "InvalidParameters"),                   # 7
+            ({"format": "json"}, "miniserver_args must be an object", "InvalidParameters"),                # 8
+            ({"miniserver_args": {"enable_mask_overlay": "yes"}},
+             "Invalid value for miniserver_args.enable_mask_overlay", "InvalidParameters"),                # 8
+            ({"miniserver_args": {}}, "pf_camera_kit must be a boolean", "InvalidParameters"),             # 9
+            ({"pf_camera_kit": True}, "Insufficient units to run this task", "CreditInsufficiency"),       # 10
+        ]
+        for fix, error, code in rungs:
+            for name, value in fix.items():
+                if value is None:
+                    body.pop(name, None)
+                else:
+                    body[name] = value
+            resp = api.create(body, "v2.1")
+            assert (resp.status_code, resp.json()) == (400, error_body(400, error, code)), (fix, resp.text)
+        assert srv.app.task_ids() == []
+        body["dst_actions"] = five_hd[:4]                                                  # 12 units: enough
+        resp = api.create(body, "v2.1")
+        assert resp.status_code == 200 and len(srv.app.task_ids()) == 1                   # step 11
+
+
+# ----------------------------------------------------------------------------------------------
+# §3.4: the order of the storage PUT checks, and a PUT with no Content-Length at all
+# ----------------------------------------------------------------------------------------------
+
+def test_storage_put_check_order_and_missing_content_length():
+    import http.client
+    from urllib.parse import urlsplit
+
+    clock = FakeClock()
+    with serve(task_duration_s=0, clock=clock) as srv:
+        api = Api(srv.url, "put-order")
+        put = api.slot(3)["requests"][0]
+        url, headers = put["url"], put["headers"]
+        wrong_type = {"Authorization": "Bearer k", "Content-Type": "image/png"}
+        resp = requests.put(url, data=b"abc", headers=wrong_type, timeout=10)
+        assert (resp.status_code, xml_code(resp)) == (400, "InvalidArgument")          # Authorization before type
+        parts = urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+        conn.putrequest("PUT", f"{parts.path}?{parts.query}", skip_accept_encoding=True)
+        conn.putheader("Content-Type", "image/jpeg")                                     # no Content-Length
+        conn.endheaders()
+        raw = conn.getresponse()
+        text = raw.read().decode()
+        conn.close()
+        assert raw.status == 403 and "<Code>SignatureDoesNotMatch</Code>" in text
+        clock.advance(7201)
+        resp = requests.put(url.replace("X-Amz-Signature=", "X-Amz-Signature=0"), data=b"abc", headers=headers,
+                            timeout=10)
+        assert (resp.status_code, xml_code(resp)) == (403, "SignatureDoesNotMatch")    # signature before expiry
+        resp = requests.put(url, data=b"abcd", headers=wrong_type, timeout=10)
+        assert (resp.status_code, xml_code(resp)) == (403, "AccessDenied")              # expiry before the rest
+        assert "Request has expired" in resp.text
+
+
+# ----------------------------------------------------------------------------------------------
+# §8.1: the key bucket and the IP bucket are separate (a second loopback address as another IP)
+# ----------------------------------------------------------------------------------------------
+
+def test_rate_limit_key_and_ip_buckets_are_separate():
+    import http.client
+
+    with serve(task_duration_s=0, rate_limit=2) as srv:
+        def call(key: str, source_ip: str):
+            conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10, source_address=(source_ip, 0))
+            conn.request("GET", "/s2s/v1.0/client/credit", headers={"Authorization": f"Bearer {key}"})
+            resp = conn.getresponse()
+            body = resp.read()
+            conn.close()
+            return resp.status, body
+
+        assert [call("key-a", "127.0.0.1")[0] for _ in range(2)] == [200, 200]
+        status, body = call("key-a", "127.0.0.2")               # fresh IP, but key-a has spent its 2
+        assert status == 429 and json.loads(body) == example("error-429.json")
+        assert call("key-b", "127.0.0.2")[0] == 200              # the 429 was not counted for 127.0.0.2
+        assert call("key-c", "127.0.0.1")[0] == 429              # fresh key, but 127.0.0.1 has spent its 2
+        assert call("key-b", "127.0.0.2")[0] == 200
+        assert call("key-d", "127.0.0.2")[0] == 429              # 127.0.0.2 spent: key-b twice
+
+
+# ----------------------------------------------------------------------------------------------
+# §5.4: checks 6-11 in order, each over HTTP with two faults at once
+# ----------------------------------------------------------------------------------------------
+
+def test_image_check_order_with_two_faults_at_once(local_server, gate_server):
+    from skinlab.local import engine
+
+    img = np.asarray(portrait("astronaut", "sd"))
+    face = engine.check_image(img).faces[0]
+    cut = img[: int(face.top + 0.95 * face.height)]
+    pad = np.full((cut.shape[0], 250, 3), 128, np.uint8)
+
+    def dark(a):
+        return (a.astype(np.float32) * 0.25).astype(np.uint8)
+
+    def pair(a):
+        return np.concatenate([a, a[:, ::-1]], axis=1)
+
+    def outcome(srv, pixels) -> str:
+        api = Api(srv.url, "gate-order")
+        fid = api.upload(png_bytes(Image.fromarray(pixels)), name="case.png", ctype="image/png")
+        return api.run(fid, ["redness"])["error"]
+
+    narrow_cut = np.concatenate([pad, cut, pad], axis=1)           # face < 0.5 of the width, chin cut off
+    assert outcome(local_server, narrow_cut) == "error_src_face_too_small"        # 7 before 8
+    assert outcome(gate_server, narrow_cut) == "error_src_face_out_of_bound"      # (8 alone, with the 0.3 rule)
+    assert outcome(local_server, pair(img)) == "error_src_face_too_small"         # 7 before 10
+    assert outcome(local_server, dark(cut)) == "error_src_face_out_of_bound"      # 8 before 9
+    assert outcome(gate_server, pair(cut)) == "error_src_face_out_of_bound"       # 8 before 10
+    assert outcome(gate_server, dark(pair(img))) == "error_lighting_dark"         # 9 before 10
+    engine_header = Api(gate_server.url).get("/s2s/v1.0/client/credit").headers["x-skinlab-engine"]
+    if "face=mediapipe" in engine_header:                          # check 11 needs the landmark backend
+        tilted = np.asarray(portrait("astronaut", "sd", face_fraction=0.55).rotate(
+            30, resample=Image.BICUBIC, fillcolor=(128, 128, 128)))
+        assert outcome(gate_server, dark(tilted)) == "error_lighting_dark"        # 9 before 11
+        assert outcome(gate_server, pair(tilted)) == "error_multiple_people"      # 10 before 11
+
+
+# ----------------------------------------------------------------------------------------------
+# §6.4: the SD and HD forms of a concern share one measurement
+# ----------------------------------------------------------------------------------------------
+
+def test_sd_and_hd_forms_share_one_measurement(local_server):
+    api = Api(local_server.url, "sd-hd-shared")
+    fid = api.upload(jpeg_bytes(portrait("astronaut", "hd")))          # 1080x1440: both tiers accept it
+    pairs = [("redness", "hd_redness"), ("oiliness", "hd_oiliness"), ("age_spot", "hd_age_spot"),
+             ("pore", "hd_pore"), ("wrinkle", "hd_wrinkle")]
+    sd = api.run(fid, [s for s, _ in pairs])["results"]["output"]
+    hd = api.run(fid, [h for _, h in pairs])["results"]["output"]
+    sd_scores = {e["type"]: (e["raw_score"], e["ui_score"]) for e in sd if "raw_score" in e}
+    hd_scores = {e["type"]: (e["raw_score"], e["ui_score"]) for e in hd
+                 if "raw_score" in e and e.get("region") == "whole"}
+    assert {s: sd_scores[s] for s, _ in pairs} == {s: hd_scores[h] for s, h in pairs}
+    assert len({v for v in sd_scores.values()}) > 1
+
+
+# ----------------------------------------------------------------------------------------------
+# §5.2: the whole success envelope, both formats (key order included)
+# ----------------------------------------------------------------------------------------------
+
+def test_success_envelopes_exact_in_both_formats(local_server):
+    api = Api(local_server.url, "success-envelopes")
+    fid = api.upload(jpeg_bytes(portrait("astronaut", "sd")))
+    for fmt, results_keys in (("json", ["output"]), ("zip", ["url"])):
+        tid = api.start(fid, ["redness"], fmt)
+        api.wait(tid)
+        body = api.poll(tid).json()
+        assert list(body) == ["status", "data"] and body["status"] == 200
+        assert list(body["data"]) == ["error", "results", "task_status"]          # no error_message here
+        assert body["data"]["error"] is None and body["data"]["task_status"] == "success"
+        assert list(body["data"]["results"]) == results_keys
+
+
+# ----------------------------------------------------------------------------------------------
+# §8.4: failed tasks can be deleted, expired ones cannot, and deleting is free
+# ----------------------------------------------------------------------------------------------
+
+def test_delete_failed_and_expired_tasks_and_deletion_is_free():
+    clock = FakeClock()
+    with serve(task_duration_s=0, clock=clock, initial_units=100) as srv:
+        api = Api(srv.url, "delete-more")
+        failed = api.start(FID, ["redness"])                             # never uploaded: ends in error
+        assert api.wait(failed)["task_status"] == "error"
+        resp = api.post("/s2s/v2.0/task/delete", {"task_id": failed})
+        assert resp.status_code == 200 and resp.json() == {"status": 200}
+        assert api.poll(failed).json() == example("error-400-invalid-task-id.json")
+        fid = api.upload(jpeg_bytes(portrait("astronaut", "sd")))
+        done = api.start(fid, ["redness"])
+        assert api.wait(done)["task_status"] == "success"
+        assert balance(api) == 91
+        assert api.post("/s2s/v2.0/task/delete", {"task_id": done}).status_code == 200
+        assert balance(api) == 91                                         # no charge, no refund
+        old = api.start(fid, ["redness"])
+        assert api.wait(old)["task_status"] == "success"
+        clock.advance(86400)                                              # 24 h after completion
+        resp = api.post("/s2s/v2.0/task/delete", {"task_id": old})
+        assert resp.json() == error_body(400, "Invalid task ID", "InvalidTaskId")
+
+
+# ----------------------------------------------------------------------------------------------
+# docs/contract-conformance.md cites only tests that exist, and has a row for every item
+# ----------------------------------------------------------------------------------------------
+
+def test_conformance_map_cites_only_existing_tests():
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "contract-conformance.md").read_text(encoding="utf-8")
+    cited = re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", text)
+    assert len(cited) >= 100, "the map's test ids are not in the `tests/file.py::name` form any more"
+    defined: dict[str, set[str]] = {}
+    for path in sorted({p for p, _ in cited}):
+        assert (root / path).is_file(), f"{path} is cited but does not exist"
+        tree = ast.parse((root / path).read_text(encoding="utf-8"))
+        defined[path] = {node.name for node in ast.walk(tree)
+                         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test")}
+    missing = sorted(f"{p}::{name}" for p, name in cited if name not in defined[p])
+    assert not missing, f"docs/contract-conformance.md cites tests that do not exist: {missing}"
+    # Bare names in the prose (the "added in this pass" list) must exist somewhere too.
+    every = set().union(*defined.values())
+    bare = set(re.findall(r"`(test_\w+)`", text))
+    assert not sorted(bare - every), f"unknown test names: {sorted(bare - every)}"
+    # Every §9.1 item (15) and every §9.2 quirk (22) has a row that cites at least one test.
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| (9\.1-\d+|\d+) \|(.*)$", text, re.M)}
+    assert {f"9.1-{i}" for i in range(1, 16)} | {str(i) for i in range(1, 23)} <= set(rows)
+    assert all("::test_" in row for row in rows.values())

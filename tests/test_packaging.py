@@ -3,7 +3,10 @@
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
+
+import pytest
 
 try:
     import tomllib
@@ -40,8 +43,16 @@ def _name(req: str) -> str:
 def test_environment_yml_matches_pyproject():
     project = _pyproject()["project"]
     pip = _env_pip_lines()
-    wanted = project["dependencies"] + project["optional-dependencies"]["local"] + \
-        project["optional-dependencies"]["notebook"]
+    editable = [p for p in pip if p.startswith("-e .")]
+    assert len(editable) == 1, "environment.yml must install the package itself, once"
+    extras = re.fullmatch(r"-e \.\[([\w,\- ]+)\]", editable[0].replace(" ", "").replace("-e.", "-e ."))
+    assert extras, f"the package line should name its extras: {editable[0]}"
+    extras = [e.strip() for e in extras.group(1).split(",")]
+    assert {"local", "notebook"} <= set(extras) <= set(project["optional-dependencies"]), extras
+    wanted = project["dependencies"] + [r for e in extras for r in project["optional-dependencies"][e]]
+    python = re.search(r"^\s*-\s*python\s*([<>=!~].*)$", (REPO / "environment.yml").read_text(), re.M)
+    assert python and python.group(1).replace(" ", "") == project["requires-python"], \
+        "environment.yml's python must match requires-python"
     by_name = {_name(p): p for p in pip if not p.startswith("-")}
     for req in wanted:
         assert _name(req) in by_name, f"{req} is in pyproject.toml but not under pip: in environment.yml"
@@ -79,3 +90,52 @@ def test_import_is_light():
             "if m in sys.modules]; print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"import skinlab pulled in {out}"
+
+
+#: The public names of ``skinlab`` besides the exception tree (``skinlab.errors.__all__``, re-exported).
+#: Adding or removing one is an API change: update this list on purpose.
+PUBLIC_API = {
+    "__version__", "CATALOGUE", "AnalysisResult", "Client", "Ledger", "PollSchedule", "PreparedImage", "RateLimiter",
+    "RetryPolicy", "Task", "TaskStatus", "analyze", "analyze_many", "connect", "errors", "estimate_units",
+    "prepare_image", "resolve_actions", "sample_portrait", "submit", "validate_actions", "validate_miniserver_args",
+}
+
+
+def test_public_api_is_pinned():
+    import skinlab
+    from skinlab import errors
+
+    names = list(skinlab.__all__)
+    assert len(names) == len(set(names)), "skinlab.__all__ lists a name twice"
+    assert set(errors.__all__) <= set(names), "the exception tree is public"
+    assert set(names) - set(errors.__all__) == PUBLIC_API
+    for name in names:
+        assert getattr(skinlab, name) is not None, name
+    assert skinlab.Ledger is skinlab.ledger.Ledger and skinlab.analyze_many is skinlab.batch.analyze_many
+
+
+def test_star_import_and_lazy_names_on_the_core_install():
+    """``from skinlab import *`` needs only the core dependencies; the form (``skinlab.app``, not in
+    ``__all__``) says which extra to install when ipywidgets is missing."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["ipywidgets"] = None   # as if the notebook extra were not installed
+        sys.modules["matplotlib"] = None
+        from skinlab import *
+        import skinlab
+        assert Client is skinlab.Client and issubclass(TaskError, SkinlabError)
+        for name in ("app", "widgets"):
+            try:
+                getattr(skinlab, name)
+            except ModuleNotFoundError as exc:
+                assert "pip install 'skinlab[notebook]'" in str(exc), exc
+            else:
+                raise AssertionError(name + " imported without ipywidgets")
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stdout + out.stderr
+    pytest.importorskip("ipywidgets")
+    import skinlab
+
+    assert skinlab.app is skinlab.widgets.app and "app" in dir(skinlab) and "app" not in skinlab.__all__

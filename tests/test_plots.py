@@ -325,6 +325,53 @@ def test_cohort_names_missing_columns_and_refuses_mixed_backends():
     save(fig, "cohort_by_backend.png")
 
 
+def _all_concerns_table(groups=("placebo", "cream", "control")):
+    rng = np.random.default_rng(7)
+    names = [n for n in SD_ACTIONS if n != "skin_type"]
+    rows = [dict(submission_id=10 * g + s, action=a, region="whole", ui_score=int(rng.integers(30, 95)),
+                 backend="local", engine="skinlab-local 0.2.0", condition=group)
+            for g, group in enumerate(groups) for s in range(5) for a in names]
+    return pd.DataFrame(rows), names
+
+
+def _label_geometry(ax):
+    """Tick spacing and label boxes in display pixels, after layout."""
+    fig = ax.figure
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    labels = ax.get_xticklabels()
+    xs = ax.transData.transform([(x, 0) for x in ax.get_xticks()])[:, 0]
+    return labels, np.diff(np.sort(xs)), [t.get_window_extent(renderer) for t in labels]
+
+
+@pytest.mark.parametrize("figsize, n, expected", [(None, 15, None), (None, 3, 0), ((7, 4), 15, 45), ((7, 4), 2, 0)])
+def test_cohort_concern_labels_never_overlap(figsize, n, expected):
+    """All 15 scored concerns in the notebook's 7 x 4 in axes slant at 45 degrees; a figure sized by
+    cohort() itself (wide), or a few concerns, keep them level when they fit. No two labels overlap."""
+    df, names = _all_concerns_table()
+    if figsize is None:
+        fig = plots.cohort(df, by="condition", concerns=names[:n])
+        ax = fig.axes[0]
+    else:
+        fig, ax = plt.subplots(figsize=figsize, layout="constrained")
+        plots.cohort(df, by="condition", concerns=names[:n], ax=ax)
+    labels, gaps, boxes = _label_geometry(ax)
+    assert [t.get_text() for t in labels] == [plots.concern_label(a) for a in names[:n]]
+    angles = {t.get_rotation() for t in labels}
+    assert len(angles) == 1 and (expected is None or angles == {expected})
+    angle = angles.pop()
+    if angle == 0:
+        ordered = sorted(boxes, key=lambda b: b.x0)
+        assert all(a.x1 <= b.x0 for a, b in zip(ordered, ordered[1:]))  # side by side, apart
+    else:
+        # parallel slanted labels anchored at their ticks are apart when spacing x sin(angle) > text height
+        level_height = max(t.get_fontsize() for t in labels) * fig.dpi / 72
+        assert all(t.get_rotation_mode() == "anchor" for t in labels)
+        assert gaps.min() * np.sin(np.radians(angle)) > level_height
+    if figsize == (7, 4) and n == 15:
+        save(fig, "cohort_all_concerns_7x4.png")
+
+
 def expected_means(df, action, condition=None):
     d = df[(df["action"] == action) & df["ui_score"].notna()]
     if condition is not None:

@@ -369,6 +369,27 @@ def test_submit_panel_alone_runs_off_the_main_thread_and_records_tags(ledger, cl
     assert not panel.submit_button.disabled and panel.stop_button.disabled
 
 
+def test_submit_panel_states_the_cloud_backend_and_its_cost(ledger, monkeypatch):
+    """A cloud client: the panel names the service and the units the photos would cost (nothing is
+    sent to build the panel). A local client chosen while a key is set says the key is not used."""
+    monkeypatch.setenv("SKINLAB_API_KEY", "panel-cloud-key")
+    with skinlab.Client(base_url="https://skin-analysis.example") as cloud:
+        assert cloud.backend == "cloud"
+        panel = SubmitPanel(ledger, actions=["wrinkle", "redness", "pore", "acne", "texture"],
+                            images=["a.jpg", "b.jpg"], client=cloud)
+        assert "YouCam CLOUD at https://skin-analysis.example" in panel.backend.value
+        assert "12 units per successful photo; 2 photos = up to 24 units" in panel.cost.value
+        assert "nothing is billed" not in panel.cost.value
+    local = skinlab.Client.local()
+    try:
+        assert "your API key is not used" in logic.backend_summary(local)
+        monkeypatch.delenv("SKINLAB_API_KEY")
+        monkeypatch.delenv("YOUCAM_API_KEY", raising=False)
+        assert "(no API key set)" in logic.backend_summary(local)
+    finally:
+        local.close()
+
+
 def test_double_click_never_makes_two_tasks(ledger, face):
     with skinlab.Client.local(task_duration_s=1.0) as slow:
         picker = ImagePicker()
@@ -542,6 +563,36 @@ def test_app_end_to_end_without_writing_code(tmp_path, client, capsys):
     assert len(form.ledger) == 1 and "reused 1" in form.feedback.text()
     out = capsys.readouterr()
     assert out.out == "" and out.err == ""  # every message went to the form's own output area
+    form.ledger.close()
+
+
+def test_the_form_is_made_of_standard_ipywidgets_8_controls_only(tmp_path, client):
+    """Every widget of the whole form, after a submission has filled the table and the viewer, is a
+    stock ipywidgets 8 control (no custom front-end code), so it renders wherever ipywidgets does."""
+    form = skinlab.app(ledger=tmp_path / "study" / "ledger.sqlite", client=client, start_dir=str(tmp_path))
+    form.actions.checkboxes["redness"].value = True
+    form.images.add_sample_button.click()
+    form.submit.submit_button.click()
+    assert form.submit.join(60)
+    assert wait_for(lambda: form.viewer.submission is not None)
+    seen, stack = [], [form]
+    while stack:
+        w = stack.pop()
+        if any(w is s for s in seen):
+            continue
+        seen.append(w)
+        for name in w.keys:  # every trait that holds widgets (children, layouts, styles, ...)
+            value = getattr(w, name)
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(v, widgets.Widget):
+                    stack.append(v)
+    stock = {"@jupyter-widgets/controls", "@jupyter-widgets/base", "@jupyter-widgets/output"}
+    for w in seen:
+        assert w._model_module in stock and w._view_module in stock, (type(w), w._model_module)
+        assert w._model_module_version.split(".")[0] in ("1", "2"), (type(w), w._model_module_version)
+        assert type(w).__module__.startswith(("ipywidgets.", "skinlab.widgets.")), type(w)
+    kinds = {type(w).__name__ for w in seen}
+    assert {"Checkbox", "ToggleButtons", "FileUpload", "Button", "Text", "HTML", "Output"} <= kinds, kinds
     form.ledger.close()
 
 

@@ -121,7 +121,10 @@ def cost_summary(names: Sequence[str], n_images: int, backend: str) -> str:
 def backend_summary(client) -> str:
     """Which instrument the form uses, in words (plain text)."""
     if getattr(client, "backend", None) == "local":
-        return (f"Backend: LOCAL, skinlab's embedded engine at {client.base_url} (no API key set). Its scores are "
+        from ..client import has_api_key
+
+        why = "chosen for this form; your API key is not used" if has_api_key() else "no API key set"
+        return (f"Backend: LOCAL, skinlab's embedded engine at {client.base_url} ({why}). Its scores are "
                 "measurements of the pixels, not YouCam scores, and not clinically validated.")
     return (f"Backend: YouCam CLOUD at {client.base_url} ({getattr(client, 'api_version', '')}). Successful "
             "tasks are billed in units.")
