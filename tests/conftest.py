@@ -17,3 +17,25 @@ def local_server():
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def landmark_model():
+    """The verified Face Landmarker model, fetched once (a cache hit after the first run), and
+    the engine switched to it. Skipped offline, except under CI, where it must be had."""
+    import os
+
+    pytest.importorskip("mediapipe")
+    from skinlab.local import engine
+    from skinlab.local.engine import _model
+
+    try:
+        path = _model.fetch_model(progress=None)
+    except _model.ModelError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"landmark model unavailable (offline?): {exc}")
+    if engine.FACE_BACKEND != "mediapipe-face-landmarker":   # an earlier test resolved without the model
+        engine.reset_face_backend()
+    assert engine.FACE_BACKEND == "mediapipe-face-landmarker"
+    return path

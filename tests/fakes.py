@@ -88,3 +88,31 @@ class ScriptedServer:
             do_GET = do_POST = do_PUT = do_DELETE = _handle
 
         return Handler
+
+
+class StaticSite:
+    """A plain HTTP server on loopback answering every GET with one body (a photo for
+    ``src_file_url`` sources). Use as a context manager; ``url`` is its base URL."""
+
+    def __init__(self, body: bytes, content_type: str = "image/jpeg"):
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    def __enter__(self) -> str:
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()

@@ -53,23 +53,6 @@ COLOURS = {"forehead": (230, 40, 40), "glabellar": (255, 140, 0), "crowfeet": (2
 
 
 @pytest.fixture(scope="session")
-def landmark_model() -> Path:
-    """The verified model, fetched once (a cache hit after the first run), and the engine
-    switched to it."""
-    pytest.importorskip("mediapipe")
-    try:
-        path = _model.fetch_model(progress=None)
-    except _model.ModelError as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"landmark model unavailable (offline?): {exc}")
-    if engine.FACE_BACKEND != LANDMARKS:        # an earlier test resolved without the model
-        engine.reset_face_backend()
-    assert engine.FACE_BACKEND == LANDMARKS
-    return path
-
-
-@pytest.fixture(scope="session")
 def portraits(landmark_model) -> dict[tuple[str, str], np.ndarray]:
     return {(n, t): np.asarray(sample_portrait(n, t)) for n in NAMES for t in ("sd", "hd")}
 

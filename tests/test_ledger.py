@@ -19,6 +19,8 @@ from skinlab.ledger import (
 )
 from skinlab.local import LocalServer
 
+from fakes import StaticSite
+
 QUICK = PollSchedule(first=0.05, factor=1.5, cap=0.3, minimum=0.02)
 SECRET_KEY = "sk-ledger-SECRET-0123456789abcdef"
 
@@ -167,27 +169,8 @@ def test_same_submission_is_reused_across_restarts_and_force_bills_again(tmp_pat
 @pytest.fixture(scope="module")
 def photo_site(photos):
     """A plain HTTP server answering every GET with one of the test photos (for src_file_url)."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    body = photos[2].read_bytes()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with StaticSite(photos[2].read_bytes()) as url:
+        yield url
 
 
 def test_url_and_file_id_sources_are_identified_by_url_and_id(ledger, server, photos, photo_site):

@@ -20,6 +20,7 @@ import requests
 from PIL import Image
 
 from contract import example
+from fakes import StaticSite
 from skinlab.actions import CATALOGUE, HD_ACTIONS, SD_ACTIONS
 
 KEY = "conformance-key"          # any token without whitespace or <> is a valid key
@@ -607,28 +608,8 @@ def test_url_source_download_errors_and_hook(api):
 @pytest.fixture(scope="module")
 def static_site():
     """A plain HTTP server answering every GET with the SD portrait (for src_file_url)."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    body = portrait_jpeg("astronaut", "sd")
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with StaticSite(portrait_jpeg("astronaut", "sd")) as url:
+        yield url
 
 
 def test_url_source_success_and_hook(api, static_site):

@@ -39,20 +39,6 @@ COLUMNS = ["concern", "action", "quantity", "region", "value", "unit", "kind", "
 
 
 @pytest.fixture(scope="module")
-def landmark_model():
-    pytest.importorskip("mediapipe")
-    try:
-        path = _model.fetch_model(progress=None)
-    except _model.ModelError as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"landmark model unavailable (offline?): {exc}")
-    if engine.FACE_BACKEND != LANDMARKS:
-        engine.reset_face_backend()
-    return path
-
-
-@pytest.fixture(scope="module")
 def portraits(landmark_model):
     return {(n, t): np.asarray(sample_portrait(n, t)) for n in NAMES for t in ("sd", "hd")}
 

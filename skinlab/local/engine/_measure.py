@@ -69,36 +69,6 @@ def _masked_blur(ctx: Context, img: np.ndarray, where: np.ndarray, mm: float) ->
     return np.where(den > 1e-3, num / np.maximum(den, 1e-3), img)
 
 
-def component_stats(lab: np.ndarray, n: int) -> dict[str, np.ndarray]:
-    """Per-label area, major/minor axis (of the moment-equivalent ellipse), eccentricity and
-    ellipse fill (area / ellipse area; ~1 for compact blobs, low for ragged shapes), for
-    labels 1..n, computed with bincounts."""
-    idx = lab.ravel()
-    sel = idx > 0
-    if n == 0 or not sel.any():
-        z = np.zeros(0)
-        return {"label": z.astype(int), "area": z, "major": z, "minor": z, "ecc": z, "fill": z}
-    yy, xx = np.divmod(np.flatnonzero(sel), lab.shape[1])
-    li = idx[sel]
-    cnt = np.bincount(li, minlength=n + 1).astype(float)
-    sy = np.bincount(li, yy, n + 1); sx = np.bincount(li, xx, n + 1)
-    syy = np.bincount(li, yy * yy, n + 1); sxx = np.bincount(li, xx * xx, n + 1)
-    sxy = np.bincount(li, xx * yy, n + 1)
-    c = np.maximum(cnt, 1)
-    my, mx = sy / c, sx / c
-    vy = syy / c - my * my + 1 / 12; vx = sxx / c - mx * mx + 1 / 12; cxy = sxy / c - mx * my
-    tr = vx + vy; det = np.sqrt(np.maximum((vx - vy) ** 2 + 4 * cxy ** 2, 0))
-    l1 = np.maximum((tr + det) / 2, 1e-9); l2 = np.maximum((tr - det) / 2, 1e-9)
-    major, minor = 4 * np.sqrt(l1), 4 * np.sqrt(l2)
-    ecc = np.sqrt(np.clip(1 - l2 / l1, 0, 1))
-    fill = cnt / (math.pi * major * minor / 4)
-    lbl = np.arange(n + 1)
-    keep = cnt > 0
-    keep[0] = False
-    return {"label": lbl[keep], "area": cnt[keep], "major": major[keep], "minor": minor[keep],
-            "ecc": ecc[keep], "fill": fill[keep]}
-
-
 # --------------------------------------------------------------------------------------------
 # shared maps
 
