@@ -194,6 +194,20 @@ def _unknown_message(kind: str, name: object, known: Iterable[str]) -> str:
     return f"Unknown {kind} {name!r}.{hint} Run `skinlab actions` to list them."
 
 
+def _unknown_action_message(name: str, tiers: set[str]) -> str:
+    """The unknown-action error, suggesting a name of the tier the other names use (so that the
+    suggestion does not then fail as an HD/SD mix); a bare concern key gets its action name."""
+    tier = next(iter(tiers)) if len(tiers) == 1 else None
+    cleaned = name.strip().lower()
+    if tier is not None and cleaned.removeprefix("hd_").removesuffix("_v2") in CONCERNS:
+        concern = cleaned.removeprefix("hd_").removesuffix("_v2")
+        guess = f"hd_{concern}" if tier == "hd" else _sd_name(concern)
+    else:
+        guess = _closest(name, [n for n, a in CATALOGUE.items() if tier is None or a.tier == tier])
+    hint = f" Did you mean {guess!r}?" if guess else ""
+    return f"Unknown action {name!r}.{hint} Run `skinlab actions` to list them."
+
+
 @dataclass(frozen=True)
 class ValidatedActions:
     """Actions after validation: names in request order, duplicates dropped."""
@@ -263,11 +277,12 @@ def validate_actions(actions: str | Iterable[str]) -> ValidatedActions:
         )
     names: list[str] = []
     dropped: list[str] = []
+    known_tiers = {CATALOGUE[i].tier for i in items if isinstance(i, str) and i in CATALOGUE}
     for item in items:
         if not isinstance(item, str):
             raise InvalidParametersError(f"Action names must be strings, got {item!r}")
         if item not in CATALOGUE:
-            raise InvalidParametersError(_unknown_message("action", item, CATALOGUE))
+            raise InvalidParametersError(_unknown_action_message(item, known_tiers))
         if item in names:
             dropped.append(item)
         else:

