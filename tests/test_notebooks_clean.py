@@ -22,9 +22,14 @@ KEY_PATTERNS = {
     "an sk- API key": re.compile(r"\bsk-[A-Za-z0-9_\-]{16,}"),
     "a Bearer token": re.compile(r"\bBearer\s+[A-Za-z0-9._~+/=\-]{20,}"),
     "a key assigned to a variable": re.compile(
-        r"(?i)\b[A-Za-z_]*(?:api[_-]?key|secret|token)\b[\"']?\s*[:=]\s*[\"'][A-Za-z0-9._~+/=\-]{20,}[\"']"),
+        r"(?i)\b[A-Za-z_]*(?:api[_-]?key|key|secret|token)\b[\"']?\s*[:=]\s*[\"'][A-Za-z0-9._~+/=\-]{20,}[\"']"),
+    "a key passed to the client": re.compile(
+        r"\b(?:Client|connect)\(\s*[\"'][A-Za-z0-9._~+/=\-]{20,}[\"']"),
     "a key set in the environment": re.compile(
-        r"(?i)\b(?:SKINLAB|YOUCAM)_API_KEY[\"']?\]?\s*=\s*[\"']?[A-Za-z0-9._~+/=\-]{12,}"),
+        r"(?i)(?:\b(?:SKINLAB|YOUCAM)_API_KEY[\"']?\]?\s*=\s*[\"']?"          # X=..., environ["X"] = ...
+        r"|%env\s+(?:SKINLAB|YOUCAM)_API_KEY\s+"                               # %env X value
+        r"|\b(?:setdefault|putenv)\(\s*[\"'](?:SKINLAB|YOUCAM)_API_KEY[\"']\s*,\s*[\"'])"  # setdefault("X", ...)
+        r"[A-Za-z0-9._~+/=\-]{12,}"),
 }
 
 #: Metadata keys that hold widget state or run artefacts.
@@ -132,6 +137,10 @@ def test_a_clean_notebook_passes():
     ("assigned", "looks like a key assigned to a variable"),
     ("environ", "looks like a key set in the environment"),
     ("key_in_output", "looks like a Bearer token"),
+    ("positional", "looks like a key passed to the client"),
+    ("plain_key_var", "looks like a key assigned to a variable"),
+    ("env_space", "looks like a key set in the environment"),
+    ("setdefault", "looks like a key set in the environment"),
 ])
 def test_a_dirty_notebook_fails(dirt, expected):
     nb = _clean_notebook()
@@ -154,6 +163,14 @@ def test_a_dirty_notebook_fails(dirt, expected):
         code["source"] = f"API_KEY = {_fake_key()!r}\nclient = skinlab.Client(API_KEY)"
     elif dirt == "environ":
         code["source"] = f"%env SKINLAB_API_KEY={_fake_key()}"
+    elif dirt == "positional":
+        code["source"] = f"client = skinlab.Client({_fake_key()!r})"
+    elif dirt == "plain_key_var":
+        code["source"] = f"key = {_fake_key()!r}"
+    elif dirt == "env_space":
+        code["source"] = f"%env YOUCAM_API_KEY {_fake_key()}"
+    elif dirt == "setdefault":
+        code["source"] = f"os.environ.setdefault('SKINLAB_API_KEY', {_fake_key()!r})"
     elif dirt == "key_in_output":
         code["outputs"] = [{"output_type": "stream", "name": "stderr",
                             "text": [f"sent header Authorization: Bearer {_fake_key()}\n"]}]

@@ -214,6 +214,22 @@ def test_committed_notebooks_hold_no_key():
             assert not pattern.search(raw), f"{nb.name} holds {what}"
 
 
+def test_executed_cloud_notebook_shows_no_key(tmp_path, monkeypatch):
+    """Notebook 04 run with the key in the environment (and no cloud opt-in, so on the local
+    emulator): no output of any cell, nor the saved notebook, holds the key."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("SKINLAB_API_KEY", KEY)
+    monkeypatch.delenv("SKINLAB_NOTEBOOK_CLOUD", raising=False)
+    nb = nbformat.read(str(REPO / "notebooks" / "04_cloud_service.ipynb"), as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert len(outputs) >= 10 and not [o for o in outputs if o.get("output_type") == "error"]
+    assert "key=***" in nbformat.writes(nb)      # the client's repr was shown, masked
+    assert_clean(nbformat.writes(nb), "notebook 04 executed with the key set")
+
+
 def test_the_sweep_would_see_a_leak():
     """The checks above can fail: a key in a local variable shows up in a traceback with locals,
     and the key fragments are found in bytes."""
