@@ -17,6 +17,7 @@ pytest.importorskip("skimage")
 pytest.importorskip("scipy")
 
 from PIL import Image, ImageFilter  # noqa: E402
+from scipy import ndimage as ndi  # noqa: E402
 from scipy.spatial import cKDTree  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
@@ -317,6 +318,19 @@ def test_painted_forehead_lines_worsen_wrinkles_only(photos, base):
             i = int(round((y + 0.5 - ctx.box[0]) * ctx.sy - 0.5)); j = int(round((x + 0.5 - ctx.box[1]) * ctx.sx - 0.5))
             total_mm += seg_mm / n * bool(allowed[i, j])
     assert total_mm >= 30
+    # the painted lines lie under the wrinkle mask (a point counts when a mask pixel is within 1 mm)
+    mask = wa.masks["forehead"].full(img.shape[:2]) > 0 if "forehead" in wa.masks else \
+        wa.masks["whole"].full(img.shape[:2]) > 0
+    near = ndi.binary_dilation(mask, iterations=max(1, int(round(ctx.ppmm_full))))
+    on_skin = covered = 0
+    for (x0, y0), (x1, y1) in segs:
+        for t in np.linspace(0.05, 0.95, 60):
+            x, y = x0 + t * (x1 - x0), y0 + t * (y1 - y0)
+            i = int(round((y + 0.5 - ctx.box[0]) * ctx.sy - 0.5)); j = int(round((x + 0.5 - ctx.box[1]) * ctx.sx - 0.5))
+            if allowed[i, j]:
+                on_skin += 1
+                covered += bool(near[int(y), int(x)])
+    assert on_skin >= 60 and covered >= 0.8 * on_skin, (covered, on_skin)
     added = (wa.measurements["wrinkle_len_mm_per_cm2_forehead"] - wb.measurements["wrinkle_len_mm_per_cm2_forehead"]) \
         * wa.measurements["skin_area_cm2_forehead"]
     assert 0.7 * total_mm <= added <= 1.2 * total_mm, (added, total_mm)
@@ -504,3 +518,20 @@ def test_dask_local_cluster(small_batch):
     for s, d in zip(serial, on_dask):
         _same(s, d)
     assert via_executor[0].concerns["pore"].scores == serial[0].concerns["pore"].scores
+
+
+def test_texture_discounts_the_measured_sensor_noise(photos):
+    """Sensor noise added to a portrait is measured on the working image, and texture removes
+    its share of the band-pass energy: the corrected roughness rises less than the raw one."""
+    img = photos["astronaut"]
+    rng = np.random.default_rng(0)
+    rows = []
+    for sigma in (0.0, 3.0, 6.0):
+        noisy = np.clip(img + rng.normal(0, sigma, img.shape), 0, 255).astype(np.uint8) if sigma else img
+        rows.append(analyze(noisy, ["texture"]).concerns["texture"].measurements)
+    noise = [r["noise_l_star"] for r in rows]
+    assert noise[0] < noise[1] < noise[2] and noise[2] > 0.3, noise
+    assert rows[2]["roughness_l_star"] < rows[2]["bandpass_l_star_std"]
+    raw_rise = rows[2]["bandpass_l_star_std"] - rows[0]["bandpass_l_star_std"]
+    corrected_rise = rows[2]["roughness_l_star"] - rows[0]["roughness_l_star"]
+    assert 0 <= corrected_rise < raw_rise, (raw_rise, corrected_rise)

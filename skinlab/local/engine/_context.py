@@ -410,6 +410,8 @@ def _build_skin(ctx: Context) -> None:
     # keep bright low-chroma pixels too (specular highlights) in a loose skin mask
     loose = R["face"] & (skin | (L >= mL)) & ~frames
     ctx.skin = skin
+    # the working image's L* noise on skin (texture, spots and acne discount it)
+    ctx.noise_l = noise_sigma(ctx.L, skin)
     # thin or small non-skin gaps (deep lines, spots, pores gated out by colour) closed again,
     # so that a dark wrinkle does not remove itself from the area it is measured in (but a
     # glasses frame is not closed back in)
@@ -452,4 +454,3 @@ def _glasses_frames(ctx: Context, skin: np.ndarray) -> np.ndarray:
         keep[i] = major >= ctx.mm(GLASSES_MIN_LENGTH_MM) and minor <= 0.3 * major
     frames = keep[lab]
     return dilate(frames, ctx.mm(0.7)) & R["oval"] if frames.any() else frames
-    ctx.noise_l = noise_sigma(L, skin)
