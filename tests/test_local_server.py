@@ -599,6 +599,56 @@ def test_hook_poll500(api):
     assert api.wait(tid)["task_status"] == "success"
 
 
+def test_hook_poll500_yields_to_a_real_failure_of_checks_1_to_5(api):
+    """§5.6: a real failure of checks 1 to 5 takes precedence over the hook: no 500 at all (every
+    poll of ``wait`` must be a 200), the check's code straight away. Checks 6 to 11 do not."""
+    fid = api.upload(b"not an image", name="x__poll500__.jpg")                          # check 3
+    assert_task_error(api.run(fid, ["wrinkle"]), "error_decode_image", "Decode source image error")
+    never_put = api.slot(100, name="never__poll500__.jpg")["file_id"]                   # check 1
+    assert api.run(never_put, ["wrinkle"])["error"] == "unknown_internal_error"
+    assert api.run("http://127.0.0.1:9/img__poll500__.jpg", ["wrinkle"])["error"] == "error_download_image"  # 1'
+    fid = api.upload(b"\xff\xd8" + b"x" * (10 * 1024 * 1024), name="big__poll500__.jpg")  # check 2
+    assert api.run(fid, ["wrinkle"])["error"] == "exceed_max_filesize"
+    fid = api.upload(jpeg_bytes(Image.new("RGB", (300, 400), (180, 150, 130))), name="s__poll500__.jpg")  # 4
+    assert api.run(fid, ["wrinkle"])["error"] == "error_below_min_image_size"
+    # No face is check 6: the hook still answers its two 500s first.
+    fid = api.upload(jpeg_bytes(Image.new("RGB", (600, 800), (180, 150, 130))), name="flat__poll500__.jpg")
+    tid = api.start(fid, ["wrinkle"])
+    assert [api.poll(tid).status_code for _ in range(2)] == [500, 500]
+    assert api.wait(tid)["error"] == "error_no_face"
+
+
+def test_hook_poll500_runs_the_checks_itself_when_the_worker_has_not_yet():
+    """The first poll may come before the worker has looked at the image; it must not answer 500
+    for an image that checks 1 to 5 will refuse. The poll runs those checks; the worker reuses them."""
+    import threading
+
+    from skinlab.local import serve
+
+    with serve(task_duration_s=0, rate_limit=None) as srv:
+        api = Api(srv.url, "poll500-before-the-worker")
+        release = threading.Event()
+        real_run = srv.app._run
+
+        def held_run(task):
+            release.wait(30)
+            real_run(task)
+
+        srv.app._run = held_run                                  # the worker is busy elsewhere
+        bad = api.start(api.upload(b"not an image", name="x__poll500__.jpg"), ["wrinkle"])
+        flat = jpeg_bytes(Image.new("RGB", (600, 800), (180, 150, 130)))
+        good = api.start(api.upload(flat, name="y__poll500__.jpg"), ["wrinkle"])
+        resp = api.poll(bad)
+        assert resp.status_code == 200 and resp.json()["data"]["task_status"] == "running"
+        assert srv.app.task(bad).check_error == "error_decode_image"
+        assert api.poll(good).status_code == 500                 # checks 1 to 5 pass: the hook fires
+        release.set()
+        assert api.wait(bad)["error"] == "error_decode_image"
+        assert api.poll(good).status_code == 500
+        assert api.wait(good)["error"] == "error_no_face"
+        assert srv.app.counters["decode"] == 2                   # once per image: by the poll, not again
+
+
 def test_url_source_download_errors_and_hook(api):
     for url in ("ftp://127.0.0.1/face.jpg", "http://127.0.0.1:9/face.jpg", api.base + "/_storage/results/x/y.jpg"):
         assert_task_error(api.run(url, ["wrinkle"]), "error_download_image", "Download source image error")

@@ -497,6 +497,38 @@ def test_faults():
         assert srv.faults.pending() == 0
 
 
+def test_fault_invalid_task_id_for_a_live_task():
+    """``Faults.invalid_task_id``: the exact §5.5 body (``error-400-invalid-task-id.json``) for a live
+    task, ``n`` times, then the task answers again, unharmed; on poll by default, delete on request."""
+    with serve(task_duration_s=0) as srv:
+        api = Api(srv.url, "faults-invalid-task-id")
+        tid = api.start(FID, ["redness"])
+        assert api.wait(tid)["error"] == "unknown_internal_error"     # a live (finished) task
+        srv.faults.invalid_task_id(n=2)
+        for _ in range(2):
+            resp = api.poll(tid)
+            assert resp.status_code == 400 and resp.json() == example("error-400-invalid-task-id.json")
+        assert api.poll(tid).status_code == 200 and srv.faults.pending() == 0
+        assert srv.app.task(tid) is not None                          # the task itself was not touched
+
+        srv.faults.invalid_task_id(route="delete")
+        assert api.poll(tid).status_code == 200                       # polls are not affected
+        resp = api.post("/s2s/v2.0/task/delete", {"task_id": tid})
+        assert resp.status_code == 400 and resp.json() == example("error-400-invalid-task-id.json")
+        assert api.post("/s2s/v2.0/task/delete", {"task_id": tid}).status_code == 200
+
+        srv.faults.invalid_task_id(route="*")
+        assert api.get("/s2s/v1.0/client/credit").status_code == 200  # only poll and delete answer it
+        assert api.poll("unknown").json() == example("error-400-invalid-task-id.json")
+        assert srv.faults.pending() == 0
+        with pytest.raises(ValueError, match="poll.*delete"):
+            srv.faults.invalid_task_id(route="create")
+        with pytest.raises(ValueError, match="unknown route 'pol'"):
+            srv.faults.fail("pol")
+        with pytest.raises(ValueError, match="at least 1"):
+            srv.faults.invalid_task_id(n=0)
+
+
 def test_faults_are_per_server():
     with serve(task_duration_s=0) as one, serve(task_duration_s=0) as two:
         one.faults.fail("*", n=1)
@@ -513,3 +545,90 @@ def test_body_size_limits():
         put = api.slot(5000)["requests"][0]
         resp = requests.put(put["url"], data=b"x" * 5000, headers=put["headers"])
         assert resp.status_code == 400 and xml_code(resp) == "EntityTooLarge"
+
+
+# ----------------------------------------------------------------------------------------------
+# `skinlab serve` options: argv -> ServerConfig and Faults (in-process; the CLI test in
+# test_end_to_end.py sees one over HTTP)
+# ----------------------------------------------------------------------------------------------
+
+def serve_config(*argv: str):
+    from skinlab import cli
+
+    return cli._serve_config(cli.build_parser().parse_args(["serve", *argv]))
+
+
+WHSEC = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+
+
+def test_serve_options_map_onto_server_config_and_faults():
+    from skinlab.local import ServerConfig
+
+    plain, default = serve_config(), ServerConfig()
+    same = ("task_duration_s", "latency_model", "seed", "rate_limit", "rate_window_s", "upload_headers_as_list",
+            "webhook_url", "webhook_secret", "initial_units", "strict", "api_keys", "allow_remote_bind")
+    assert {k: getattr(plain, k) for k in same} == {k: getattr(default, k) for k in same}
+    assert plain.faults.pending() == 0
+
+    cfg = serve_config(
+        "--latency-model", "realistic", "--seed", "7", "--time-scale", "0.01", "--rate-limit", "10/60",
+        "--upload-headers-as-list", "--webhook-url", "http://127.0.0.1:9/hook", "--webhook-secret", WHSEC,
+        "--units", "50", "--api-key", "a", "--api-key", "b",
+        "--fault", "429:3", "--fault", "5xx:poll:2", "--fault", "503:create", "--fault", "drop:create:1",
+        "--fault", "slow:poll:2.5", "--fault", "slow:0.5:4", "--fault", "lose-create:1",
+        "--fault", "lose-create:2:502", "--fault", "invalid-task-id:1", "--fault", "invalid-task-id:delete:2")
+    assert cfg.latency_model == LatencyModel(time_scale=0.01) and cfg.seed == 7
+    assert (cfg.rate_limit, cfg.rate_window_s) == (10, 60)
+    assert cfg.upload_headers_as_list is True
+    assert (cfg.webhook_url, cfg.webhook_secret) == ("http://127.0.0.1:9/hook", WHSEC)
+    assert cfg.initial_units == 50 and cfg.api_keys == frozenset({"a", "b"})
+    assert cfg.faults._armed == [
+        {"kind": "429", "route": "*", "n": 3},
+        {"kind": "fail", "route": "poll", "n": 2, "status": 500, "body": None},
+        {"kind": "fail", "route": "create", "n": 1, "status": 503, "body": None},
+        {"kind": "drop", "route": "create", "n": 1},
+        {"kind": "slow", "route": "poll", "n": 1, "seconds": 2.5},
+        {"kind": "slow", "route": "*", "n": 4, "seconds": 0.5},
+        {"kind": "lose", "route": "create", "n": 1, "status": None},
+        {"kind": "lose", "route": "create", "n": 2, "status": 502},
+        {"kind": "invalid_task_id", "route": "poll", "n": 1},
+        {"kind": "invalid_task_id", "route": "delete", "n": 2},
+    ]
+
+    assert serve_config("--latency-model", "5-7").latency_model == LatencyModel(slow_share=0.0)
+    assert serve_config("--latency-model", "4-6:0.1:20-40").latency_model == LatencyModel(
+        low_s=4, high_s=6, slow_share=0.1, slow_low_s=20, slow_high_s=40)
+    assert serve_config("--task-duration", "0").task_duration_s == 0
+    assert serve_config("--rate-limit", "off").rate_limit is None
+    assert (serve_config("--rate-limit", "40").rate_limit, serve_config("--rate-limit", "40").rate_window_s) == (40, 300)
+    two = serve_config("--webhook-url", "http://a.test/h", "--webhook-url", "https://b.test/h", "--webhook-secret", WHSEC)
+    assert two.webhook_url == ["http://a.test/h", "https://b.test/h"]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--fault", "expire-urls"], "call LocalServer.faults.expire_urls() from Python"),
+    (["--fault", "teapot"], "unknown fault 'teapot'"),
+    (["--fault", "429:pol:2"], "unknown route 'pol'"),
+    (["--fault", "429:0"], "N must be a whole number at least 1"),
+    (["--fault", "599:poll"], "not an HTTP status from 500 to 599"),
+    (["--fault", "slow:poll"], "slow needs SECONDS"),
+    (["--fault", "lose-create:create"], "lose-create always applies to create"),
+    (["--fault", "invalid-task-id:create"], "poll, delete or *"),
+    (["--rate-limit", "fast"], "use N/SECONDS (e.g. 250/300), N (per 300 s) or off"),
+    (["--latency-model", "7-5"], "LOW-HIGH:SHARE:SLOW_LOW-SLOW_HIGH"),
+    (["--latency-model", "5-7:2:30-60"], "fraction from 0 to 1"),
+    (["--time-scale", "0"], "--time-scale must be a number above 0"),
+    (["--time-scale", "0.1"], "add --latency-model"),
+    (["--latency-model", "realistic", "--task-duration", "1"], "not both"),
+    (["--webhook-url", "ftp://x/hook", "--webhook-secret", WHSEC], "http:// or https:// URL"),
+    (["--webhook-url", "http://x/hook", "--webhook-secret", "secret"], "whsec_ followed by base64"),
+    (["--webhook-url", "http://x/hook"], "both --webhook-url and --webhook-secret"),
+])
+def test_serve_options_refuse_bad_values(argv, says, capsys):
+    with pytest.raises(SystemExit) as exc:
+        serve_config(*argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "skinlab serve: error:" in err and says in err, err
+    if argv[0] == "--fault":
+        assert "Accepted forms: 429[:ROUTE][:N]" in err and "invalid-task-id[:poll|delete|*][:N]" in err

@@ -111,9 +111,12 @@ class Faults:
     """Per-server fault injection, so parallel tests do not interfere.
 
     Route names: ``upload``, ``create``, ``poll``, ``delete``, ``credit``, ``feature_cost``,
-    ``storage_put``, ``storage_get``, or ``"*"`` for every route. Each fault applies to the
-    next ``n`` matching requests, then disarms itself. All methods return ``self``.
+    ``storage_put``, ``storage_get`` (:attr:`ROUTES`), or ``"*"`` for every route. Each fault
+    applies to the next ``n`` matching requests, then disarms itself. All methods return ``self``.
     """
+
+    #: the route names a fault can target (besides ``"*"``)
+    ROUTES = ("upload", "create", "poll", "delete", "credit", "feature_cost", "storage_put", "storage_get")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -121,8 +124,10 @@ class Faults:
         self.url_epoch = 0  # bumped by expire_urls(); URLs signed in an older epoch have expired
 
     def _arm(self, **spec: Any) -> "Faults":
-        if spec["n"] < 1:
-            raise ValueError("n must be at least 1")
+        if isinstance(spec["n"], bool) or not isinstance(spec["n"], int) or spec["n"] < 1:
+            raise ValueError(f"n must be a whole number of requests, at least 1; got {spec['n']!r}")
+        if spec["route"] != "*" and spec["route"] not in self.ROUTES:
+            raise ValueError(f"unknown route {spec['route']!r}; use one of {', '.join(self.ROUTES)} or '*'")
         with self._lock:
             self._armed.append(spec)
         return self
@@ -146,6 +151,16 @@ class Faults:
     def lose_create_response(self, n: int = 1, status: int | None = None) -> "Faults":
         """Create the task, then lose the answer: drop the connection, or answer ``status``."""
         return self._arm(kind="lose", route="create", n=n, status=status)
+
+    def invalid_task_id(self, n: int = 1, route: str = "poll") -> "Faults":
+        """Answer the next ``n`` polls (or deletes) with the 400 ``Invalid task ID`` body of §5.5,
+        even for a live task: as if the service had lost it. ``route`` is ``"poll"``, ``"delete"``
+        or ``"*"`` (both). Authentication and the rate limit are checked first; the task itself
+        is left untouched.
+        """
+        if route not in ("poll", "delete", "*"):
+            raise ValueError(f"invalid_task_id applies to 'poll', 'delete' or '*' (both), not {route!r}")
+        return self._arm(kind="invalid_task_id", route=route, n=n)
 
     def expire_urls(self) -> "Faults":
         """Expire every upload and result URL issued so far (storage answers 403 AccessDenied)."""
@@ -278,6 +293,10 @@ class Task:
     source_sha256: str | None = None  # of the uploaded bytes; kept after the bytes are freed (billing checks)
     last_touch: float = 0.0
     poll500_left: int = 0
+    checks_done: bool = False         # checks 1 to 5 of §5.4 have run (or can no longer run)
+    check_error: str | None = None    # the code of their failure, if one failed
+    checked_image: Any = None         # (cache entry, decoded image) until the worker is done
+    check_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     state: str = "running"
     dropped: bool = False
     outcome: Outcome | None = None
@@ -578,6 +597,8 @@ class SkinlabApp:
             return self._json(429, _err(429, "Too many requests"))
         if not self._read_body(req, self.config.max_body_bytes):
             return self._json(413, _err(413, "Request Entity Too Large"))
+        if route in ("poll", "delete") and self.faults.take(("invalid_task_id",), route) is not None:
+            return self._invalid("Invalid task ID", "InvalidTaskId")
         handler = getattr(self, "_" + route)
         return handler(req, match, key)
 
@@ -931,10 +952,27 @@ class SkinlabApp:
             task = self._live_task(match.group(1), key, now)
             if task is None or task.dropped:
                 return self._invalid("Invalid task ID", "InvalidTaskId")
+            hooked = task.poll500_left > 0
+        if hooked:
+            # A real failure of checks 1 to 5 takes precedence over the poll500 hook (§5.6), so
+            # their verdict is needed first: run them here if the worker has not yet (outside the
+            # app lock, since they may download or decode the image).
+            try:
+                self._precheck(task)
+            except Exception:  # the worker meets the same failure and reports it as the outcome
+                log.exception("checks of task %s failed inside the emulator", task.task_id[:12])
+        with self._lock:
+            if hooked:
+                task = self._live_task(match.group(1), key, now)
+                if task is None or task.dropped:
+                    return self._invalid("Invalid task ID", "InvalidTaskId")
             task.last_touch = now
             if task.poll500_left > 0:
-                task.poll500_left -= 1
-                return self._json(500, _err(500, "Task execution timed out", "TaskTimeout"))
+                if task.check_error is not None:
+                    task.poll500_left = 0       # the real failure wins: the task behaves normally
+                else:
+                    task.poll500_left -= 1
+                    return self._json(500, _err(500, "Task execution timed out", "TaskTimeout"))
             state, outcome = task.state, task.outcome
         if state == "running":
             data: dict[str, Any] = {"error": None, "results": None, "task_status": "running"}
@@ -1022,6 +1060,9 @@ class SkinlabApp:
         except Exception:
             log.exception("task %s failed inside the emulator", task.task_id[:12])
             outcome = Outcome(status="error", code="unknown_internal_error")
+        with task.check_lock:
+            task.checks_done = True     # also when they raised: a poll no longer waits for them
+            task.checked_image = None
         with self._lock:
             task.source = None
             task.outcome = outcome
@@ -1029,21 +1070,32 @@ class SkinlabApp:
             if task.task_id in self._tasks:
                 self._advance(task, task.engine_done_at)
 
-    def _execute(self, task: Task) -> Outcome:
-        """The checks of §5.4 in order, then the engine and the rendering."""
-        def error(code: str) -> Outcome:
-            return Outcome(status="error", code=code)
+    def _precheck(self, task: Task) -> str | None:
+        """Run checks 1 to 5 of §5.4 once per task; the code of the first failure, or None.
 
+        The worker runs them first; a poll of a task whose ``poll500`` hook is still armed runs
+        them itself when the worker has not got to them yet, because a real failure of these
+        checks takes precedence over the hook (§5.6). Whoever comes second waits for, and reuses,
+        the first one's verdict.
+        """
+        with task.check_lock:
+            if not task.checks_done:
+                task.check_error, task.checked_image = self._image_checks(task)
+                task.checks_done = True
+            return task.check_error
+
+    def _image_checks(self, task: Task) -> tuple[str | None, Any]:
+        """Checks 1 to 5 of §5.4 in order: ``(code, None)`` or ``(None, (entry, decoded))``."""
         if task.source_kind == "file":
             data = task.source
             if data is None:
-                return error("unknown_internal_error")
+                return "unknown_internal_error", None
         else:
             data = self._download(task.source)
             if data is None:
-                return error("error_download_image")
+                return "error_download_image", None
         if len(data) > MAX_FILE_BYTES:
-            return error("exceed_max_filesize")
+            return "exceed_max_filesize", None
         entry = self._image_entry(hashlib.sha256(data).hexdigest())
         with entry.lock:
             if entry.decoded is None and entry.rejected is None:
@@ -1053,13 +1105,24 @@ class SkinlabApp:
                 except ImageRejected as exc:
                     entry.rejected = exc.code
         if entry.rejected is not None:
-            return error(entry.rejected)
+            return entry.rejected, None
         decoded = entry.decoded
         if decoded.short_side < MIN_SHORT_SIDE[task.tier]:
-            return error("error_below_min_image_size")
+            return "error_below_min_image_size", None
         max_long = self.config.max_long_side
         if max_long is not None and decoded.long_side > max_long:
-            return error("error_exceed_max_image_size")
+            return "error_exceed_max_image_size", None
+        return None, (entry, decoded)
+
+    def _execute(self, task: Task) -> Outcome:
+        """The checks of §5.4 in order, then the engine and the rendering."""
+        def error(code: str) -> Outcome:
+            return Outcome(status="error", code=code)
+
+        code = self._precheck(task)
+        if code is not None:
+            return error(code)
+        entry, decoded = task.checked_image
         if task.hook is not None and task.hook != "poll500":
             return error(task.hook)
         engine = self._engine()
