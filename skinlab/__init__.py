@@ -42,7 +42,7 @@ _LAZY = {
     "app": "skinlab.widgets",
 }
 _SUBMODULES = {"local", "samples", "cli", "client", "results", "images", "helpers", "ledger", "tags", "plots", "display",
-               "batch", "widgets", "actions"}
+               "batch", "widgets", "actions", "webhooks"}
 
 __all__ = [
     "__version__",

@@ -12,6 +12,11 @@ Two retry policies (contract §8.1, §5.5):
   Any other failure after the request may have reached the service raises
   :class:`~skinlab.errors.TaskFateUnknownError` and is never re-sent: a second create would
   bill a second task.
+
+A :meth:`Task.wait` deadline wins over both: no poll, and no retry of one, is sent after it.
+Every request carries an explicit ``auth`` (the Bearer key on API calls, none on storage
+calls), so ``~/.netrc`` credentials never replace or add an ``Authorization`` header, while
+proxy settings still come from the environment.
 """
 
 from __future__ import annotations
@@ -85,6 +90,45 @@ class _Secret(str):
 
     def __repr__(self) -> str:
         return "'Bearer ***'"
+
+
+class _BearerAuth(requests.auth.AuthBase):
+    """Sets ``Authorization: Bearer <key>`` on an API call (contract §2.3), whatever else would.
+
+    Passed as ``auth=`` on every API request: with ``auth`` left to None, requests applies
+    ``~/.netrc`` (or ``$NETRC``) credentials for the host, which replace the Bearer header. The
+    environment's proxy settings are still used. The key stays hidden from reprs.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: _Secret) -> None:
+        self._value = value
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        r.headers["Authorization"] = self._value
+        return r
+
+    def __repr__(self) -> str:
+        return "<BearerAuth ***>"
+
+
+class _NoAuth(requests.auth.AuthBase):
+    """Removes any ``Authorization`` from a storage call (presigned PUT, result GET; §2.3, §3.4).
+
+    Passed as ``auth=`` so that no netrc entry (for the storage host or a ``default`` one), nor a
+    session-wide ``auth``, adds credentials: the presigned URL is the only credential sent.
+    """
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        r.headers.pop("Authorization", None)
+        return r
+
+    def __repr__(self) -> str:
+        return "<NoAuth>"
+
+
+_NO_AUTH = _NoAuth()
 
 
 def check_transport(url: str, *, allow_insecure_http: bool = False, what: str = "request") -> None:
@@ -191,8 +235,15 @@ class RateLimiter:
                 cls._shared[ident] = cls(**kw)
             return cls._shared[ident]
 
-    def acquire(self) -> float:
-        """Block until a request may be sent; return the seconds waited."""
+    def acquire(self, *, max_wait: float | None = None) -> float:
+        """Block until a request may be sent; return the seconds waited.
+
+        Parameters
+        ----------
+        max_wait : float, optional
+            Wait at most this long (a caller's deadline). When no slot is free by then,
+            :class:`TimeoutError` is raised and nothing is counted: send no request.
+        """
         waited = 0.0
         while True:
             with self._lock:
@@ -203,6 +254,10 @@ class RateLimiter:
                     self._times.append(now)
                     return waited
                 pause = self.window - (now - self._times[0]) + 0.01
+            if max_wait is not None:
+                if waited >= max_wait:
+                    raise TimeoutError(f"no request slot within {max_wait:g} s ({self.limit} per {self.window:g} s)")
+                pause = min(pause, max_wait - waited)
             self._sleep(pause)
             waited += pause
 
@@ -402,15 +457,18 @@ class Task:
     def wait(self, timeout: float | None = 300.0, *, schedule: PollSchedule | None = None):
         """Poll until the task ends and return its :class:`~skinlab.results.AnalysisResult`.
 
-        The deadline is on the monotonic clock and no poll is sent after it.
+        The deadline is on the monotonic clock and no poll is sent after it: it also bounds the
+        retries of each poll (429, 5xx, dropped connections), whose backoff sleeps are cut to
+        the time left.
 
         Raises
         ------
         TaskError
             (a subclass named after the engine code) when the task ended in ``error``.
         TaskTimeoutError
-            When ``timeout`` seconds passed first; it keeps :attr:`task_id` so you can resume
-            with ``client.task(task_id).wait()`` instead of submitting again.
+            When ``timeout`` seconds passed first, even while a poll was being retried; it
+            keeps :attr:`task_id` so you can resume with ``client.task(task_id).wait()``
+            instead of submitting again.
         """
         if self._result is not None:
             return self._result
@@ -429,7 +487,8 @@ class Task:
                             task_id=self.task_id)
                     delay = min(delay, remaining - 0.01)
                 time.sleep(delay)
-                status = self.status()
+                # the deadline also bounds the poll's own retries (429, 5xx, connection errors)
+                status = self.last_status = self.client._poll(self.task_id, self.api_version, deadline=deadline)
             if status.state == "success":
                 from .results import AnalysisResult
 
@@ -572,29 +631,66 @@ class Client:
         return self.base_url + path
 
     def _api(self, method: str, path: str, *, json_body: Any = None, params: Mapping[str, Any] | None = None,
-             safe: bool = True, context: str = "", raw: bool = False) -> tuple[Any, requests.Response]:
+             safe: bool = True, context: str = "", raw: bool = False, deadline: float | None = None,
+             task_id: str | None = None) -> tuple[Any, requests.Response]:
         """One API-host call with the retry policy; returns (payload, response).
 
         The payload is the envelope's ``data`` (or ``result``/``results``), or the whole body
         with ``raw=True``.
+
+        ``deadline`` is a :func:`time.monotonic` instant that wins over the retries: each
+        backoff sleep (and a wait for the rate limiter) is cut to the time left, the request
+        timeouts too, no request is sent at or after it, and when it passes
+        :class:`~skinlab.errors.TaskTimeoutError` is raised, carrying ``task_id``.
         """
         retries = {"429": 0, "5xx": 0, "conn": 0}
         attempt = 0
+        last: str | None = None            # what the client was doing when the deadline passed
+        last_resp: requests.Response | None = None
+
+        def time_left() -> float | None:
+            """Seconds before the deadline (None without one); raises once it has passed."""
+            if deadline is None:
+                return None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _deadline_error(task_id, context, last, last_resp)
+            return left
+
+        def backoff(delay: float) -> None:
+            if deadline is not None:
+                delay = min(delay, max(0.0, deadline - time.monotonic()))
+            self.retry.sleep(delay)
+
         while True:
+            left = time_left()
             if self.rate_limiter is not None:
-                self.rate_limiter.acquire()
+                try:
+                    if left is None:
+                        self.rate_limiter.acquire()
+                    else:
+                        self.rate_limiter.acquire(max_wait=left)
+                except TimeoutError:
+                    last = "waiting for a request slot under the client's rate limiter"
+                    raise _deadline_error(task_id, context, last, last_resp) from None
+                left = time_left()                  # the limiter may have waited
+            timeout = self.timeout if left is None else _cap_timeout(self.timeout, left)
             headers = {"Authorization": _Secret(f"Bearer {self.__key}")}
             if json_body is not None:
                 headers["Content-Type"] = "application/json"
             try:
                 resp = self.session.request(method, self._url(path), json=json_body, params=params,
-                                            headers=headers, timeout=self.timeout, allow_redirects=False,
-                                            stream=True)
+                                            headers=headers, auth=_BearerAuth(headers["Authorization"]),
+                                            timeout=timeout, allow_redirects=False, stream=True)
                 oversized = _buffer(resp, MAX_ANSWER_BYTES)
             except requests.exceptions.RequestException as exc:
                 never_sent = _never_connected(exc)
+                if safe and deadline is not None and deadline - time.monotonic() <= 0:
+                    last = f"waiting for the answer ({type(exc).__name__}, timeouts cut to the deadline)"
+                    raise _deadline_error(task_id, context, last, None) from None
                 if (safe or never_sent) and retries["conn"] < self.retry.max_retries_connection:
-                    self.retry.sleep(self.retry.delay(attempt))
+                    last, last_resp = f"retrying after a connection failure ({type(exc).__name__})", None
+                    backoff(self.retry.delay(attempt))
                     retries["conn"] += 1
                     attempt += 1
                     continue
@@ -609,11 +705,13 @@ class Client:
             self._note_backend(resp)
             status = resp.status_code
             if status == 429 and retries["429"] < self.retry.max_retries_429:
-                self.retry.sleep(self.retry.delay(retries["429"]))
+                last, last_resp = "retrying after HTTP 429 (too many requests)", resp
+                backoff(self.retry.delay(retries["429"]))
                 retries["429"] += 1
                 continue
             if status >= 500 and safe and retries["5xx"] < self.retry.max_retries_5xx:
-                self.retry.sleep(self.retry.delay(retries["5xx"] + 1))
+                last, last_resp = f"retrying after HTTP {status}", resp
+                backoff(self.retry.delay(retries["5xx"] + 1))
                 retries["5xx"] += 1
                 continue
             if status >= 500 and not safe:
@@ -683,7 +781,7 @@ class Client:
         what = f"storage {method}"
         for _ in range(6):
             check_transport(url, allow_insecure_http=self.allow_insecure_http, what=what)
-            resp = self.session.request(method, url, data=data, headers=dict(headers or {}),
+            resp = self.session.request(method, url, data=data, headers=dict(headers or {}), auth=_NO_AUTH,
                                         timeout=timeout or self.timeout, stream=stream, allow_redirects=False)
             if not resp.is_redirect:
                 return resp
@@ -815,10 +913,12 @@ class Client:
         """A handle for an existing task id, e.g. to resume waiting after a timeout."""
         return Task(self, task_id, api_version=api_version, actions=actions, format=format)
 
-    def _poll(self, task_id: str, version: str) -> TaskStatus:
+    def _poll(self, task_id: str, version: str, *, deadline: float | None = None) -> TaskStatus:
+        """One poll (with the safe-call retries); ``deadline`` (monotonic) bounds it, see :meth:`_api`."""
         if not isinstance(task_id, str) or not task_id:
             raise InvalidParametersError("task_id must be a non-empty string")
-        payload, resp = self._api("GET", f"/s2s/{version}/task/skin-analysis/{task_id}", context="poll")
+        payload, resp = self._api("GET", f"/s2s/{version}/task/skin-analysis/{task_id}", context="poll",
+                                  deadline=deadline, task_id=task_id)
         if not isinstance(payload, dict):
             raise errors.ResultFormatError("poll: data is not an object")
         state = payload.get("task_status") or payload.get("status")
@@ -928,6 +1028,27 @@ class Client:
                 raise errors.ResultFormatError(f"Download exceeded the {max_bytes}-byte limit.")
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def _cap_timeout(timeout: Any, left: float) -> Any:
+    """The request timeouts cut to the ``left`` seconds before a deadline (never below 50 ms)."""
+    left = max(left, 0.05)
+    if isinstance(timeout, tuple):
+        return tuple(min(t, left) if t is not None else left for t in timeout)
+    return left if timeout is None else min(timeout, left)
+
+
+def _deadline_error(task_id: str | None, context: str, last: str | None,
+                    resp: requests.Response | None) -> TaskTimeoutError:
+    """The error for a caller's deadline that passed while a call was retried or not yet sent."""
+    why = f" while {last}" if last else ""
+    if task_id:
+        text = (f"Task {task_id}: the deadline passed{why}; no {context or 'request'} was sent after it. The task "
+                f"is not lost: resume with client.task({task_id!r}).wait(); do not submit again (that bills twice).")
+    else:
+        text = f"{context or 'request'}: the deadline passed{why}; nothing was sent after it. Try again later."
+    return TaskTimeoutError(text, task_id=task_id, status=resp.status_code if resp is not None else None,
+                            request_id=_request_id(resp))
 
 
 def _urls_in(results: Any) -> list[str]:

@@ -45,6 +45,7 @@ __all__ = [
     "InternalEngineError",
     "TaskTimeoutError",
     "TaskFateUnknownError",
+    "WebhookSignatureError",
     "redact",
     "task_error_for",
 ]
@@ -207,6 +208,17 @@ class TaskTimeoutError(SkinlabError):
     def __init__(self, message: str, *, task_id: str | None = None, **kw) -> None:
         self.task_id = task_id
         super().__init__(message, **kw)
+
+
+class WebhookSignatureError(SkinlabError):
+    """A received webhook failed verification (contract §8.7): do not act on it.
+
+    Raised by :func:`skinlab.webhooks.verify` when the ``webhook-*`` headers are missing or
+    malformed, no signature matches the body (tampered, or signed with another secret), or the
+    timestamp is outside the tolerance (a replay, or a clock off by minutes). :attr:`code` says
+    which: ``missing_headers``, ``bad_timestamp``, ``bad_signature`` or ``stale_timestamp``.
+    Answer the sender with a 4xx and drop the message.
+    """
 
 
 class TaskError(SkinlabError):

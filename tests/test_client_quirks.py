@@ -773,6 +773,78 @@ def test_deadline_wins(srv, monkeypatch):
     assert fake.sleeps[0] == 7.0 and 2 <= len(srv.calls("GET", POLL)) <= 3
 
 
+PERSISTENT = {"429": R429, "503": (503, {"status": 503, "error": "Service Unavailable"})}
+
+
+class ClockedSession(requests.Session):
+    """Records the (possibly fake) monotonic time at which each request is sent."""
+
+    def __init__(self, clock):
+        super().__init__()
+        self.clock, self.sent = clock, []
+
+    def request(self, method, url, **kw):
+        self.sent.append((self.clock(), kw.get("timeout")))
+        return super().request(method, url, **kw)
+
+
+@pytest.mark.parametrize("fault", list(PERSISTENT))
+def test_deadline_wins_over_poll_retries(srv, monkeypatch, fault):
+    """The deadline bounds each poll's own retries: backoff cut to the time left, no request at or
+    after it, and TaskTimeoutError with the task id, not the 429/5xx error (audit: 16 s and 6 s)."""
+    fake = FakeTime()
+    monkeypatch.setattr(client_mod, "time", fake)
+    srv.route("GET", POLL, PERSISTENT[fault])
+    policy = RetryPolicy(sleep=fake.sleep, rng=random.Random(1))       # the default backoff, on the fake clock
+    session = ClockedSession(fake.monotonic)
+    start = fake.now
+    with pytest.raises(errors.TaskTimeoutError) as info:
+        client_for(srv, retry=policy, session=session, poll_schedule=PollSchedule(first=0.2)).task(TASK).wait(1.0)
+    assert fake.now - start == pytest.approx(1.0)                  # slept up to the deadline, not past it
+    assert sum(fake.sleeps) == pytest.approx(1.0) and fake.sleeps[0] == 0.2
+    assert all(at < start + 1.0 for at, _ in session.sent) and len(session.sent) >= 2
+    assert all(t[1] <= start + 1.0 - at + 1e-9 for at, t in session.sent[1:])   # read timeouts cut to the time left
+    exc = info.value
+    assert exc.task_id == TASK and exc.status == int(fault)
+    assert f"client.task({TASK!r}).wait()" in str(exc) and f"HTTP {fault}" in str(exc)
+
+
+@pytest.mark.parametrize("fault", list(PERSISTENT))
+def test_deadline_wins_over_poll_retries_on_the_real_clock(srv, fault):
+    # the default policy (base 1 s): a persistent 429 would sleep up to 1+2+4+8+16 s, a 5xx up to 2+4+8 s
+    srv.route("GET", POLL, PERSISTENT[fault])
+    client = client_for(srv, retry=RetryPolicy(rng=random.Random(1)))
+    start = time.monotonic()
+    with pytest.raises(errors.TaskTimeoutError) as info:
+        client.task(TASK).wait(timeout=1.0)
+    assert time.monotonic() - start < 1.6
+    assert info.value.task_id == TASK and info.value.status == int(fault)
+
+
+def test_deadline_wins_over_the_rate_limiter(srv, monkeypatch):
+    fake = FakeTime()
+    monkeypatch.setattr(client_mod, "time", fake)
+    srv.route("GET", POLL, envelope({"error": None, "results": None, "task_status": "running"}))
+    limiter = RateLimiter(limit=1, window=300, clock=fake.monotonic, sleep=fake.sleep)
+    limiter.acquire()                                              # the key's budget is spent for 300 s
+    start = fake.now
+    with pytest.raises(errors.TaskTimeoutError, match="rate limiter") as info:
+        client_for(srv, rate_limiter=limiter).task(TASK).wait(timeout=5)
+    assert fake.now - start <= 5.0 and srv.calls("GET", POLL) == [] and info.value.task_id == TASK
+    assert len(limiter._times) == 1                               # no slot taken for the poll never sent
+    with pytest.raises(TimeoutError):
+        limiter.acquire(max_wait=0.5)
+    assert limiter.acquire(max_wait=300) > 0                      # a slot within the wait is still given
+
+
+def test_deadline_cuts_a_hanging_poll():
+    with silent_server() as (url, conns):
+        start = time.monotonic()
+        with pytest.raises(errors.TaskTimeoutError) as info:
+            client_for(url).task(TASK).wait(timeout=0.5)           # read timeout 60 s, cut to the time left
+        assert time.monotonic() - start < 1.5 and info.value.task_id == TASK
+
+
 def test_schedule_is_tunable(srv, monkeypatch):
     fake = FakeTime()
     monkeypatch.setattr(client_mod, "time", fake)
@@ -881,3 +953,56 @@ def test_estimate_refuses_on_low_balance_against_the_emulator(face_jpeg):
         with pytest.raises(errors.InsufficientCreditsError) as info:  # without the pre-check: the 400 from create
             c.submit(face_jpeg, ["redness"])
         assert info.value.code == "CreditInsufficiency" and info.value.status == 400
+
+
+# ================================================================ credentials from the environment (§2.3)
+
+@pytest.fixture
+def netrc_trap(tmp_path, monkeypatch):
+    """A netrc with an entry for 127.0.0.1 and a ``default`` one, as $NETRC (requests reads it)."""
+    path = tmp_path / "netrc"
+    path.write_text("machine 127.0.0.1 login netrc-user password netrc-pass\n"
+                    "default login anyone password anything\n")
+    path.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(path))
+    assert requests.utils.get_netrc_auth("http://127.0.0.1:1/x") == ("netrc-user", "netrc-pass")   # armed
+    assert requests.utils.get_netrc_auth("http://localhost:1/x") == ("anyone", "anything")
+    return path
+
+
+def test_netrc_never_replaces_the_bearer_nor_reaches_storage(srv, netrc_trap):
+    storage = srv.url.replace("127.0.0.1", "localhost")             # the `default` entry's host
+    _scripted_ok(srv)
+    slot = slot_body(srv)
+    slot["data"]["files"][0]["requests"][0]["url"] = f"{storage}/_storage/upload/abc.jpg?X-Amz-Expires=7200"
+    srv.route("POST", "/s2s/v2.0/file", (200, slot))
+    c = client_for(srv)
+    assert c.session.trust_env                                       # proxies etc. still come from the environment
+    c.submit(jpeg(), ["pore"]).wait(timeout=5)
+    c.download(f"{storage}/_storage/results/r.zip")
+    c.credits()
+    api = [r for r in srv.requests if not r["path"].startswith("/_storage/")]
+    storage_calls = srv.calls("PUT", "/_storage/") + srv.calls("GET", "/_storage/")
+    assert len(api) == 4 and len(storage_calls) == 2
+    assert {r["headers"].get("Authorization") for r in api} == {f"Bearer {KEY}"}
+    assert all("Authorization" not in r["headers"] for r in storage_calls)
+
+
+def test_netrc_ignored_against_the_emulator(netrc_trap, face_jpeg):
+    with serve(task_duration_s=0, api_keys=[KEY]) as srv:           # an allow-list: a Basic header would be a 401
+        c = client_for(srv)
+        task = c.submit(face_jpeg, ["redness"])                   # the PUT answers 400 if Authorization is sent
+        assert task.wait(timeout=30).score("redness") is not None  # the ZIP downloaded, its GET without it
+        assert zipfile.is_zipfile(io.BytesIO(c.download(task.status().results["url"])))
+
+
+def test_environment_proxies_still_used(srv, netrc_trap, monkeypatch):
+    target = "http://127.0.0.1:9"                                     # nothing listens there: only the proxy answers
+    for name in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, srv.url)
+    srv.route("GET", f"{target}{CREDIT}", (200, example("credit-response.json")))
+    assert client_for(target).balance() == pytest.approx(269.5)
+    (call,) = srv.requests
+    assert call["path"] == f"{target}{CREDIT}" and call["headers"]["Authorization"] == f"Bearer {KEY}"
