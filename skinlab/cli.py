@@ -137,16 +137,233 @@ def _cmd_analyze(args) -> int:
             tmp.cleanup()
 
 
+# -- skinlab serve: option values ------------------------------------------------------------
+
+_FAULT_FORMS = ("429[:ROUTE][:N]", "5xx[:ROUTE][:N] (or a 5xx status, e.g. 503)", "drop[:ROUTE][:N]",
+                "slow[:ROUTE]:SECONDS[:N]", "lose-create[:N[:STATUS]]", "invalid-task-id[:poll|delete|*][:N]")
+_FAULT_HELP = (
+    "inject a fault into the first N matching requests (N defaults to 1), then stop; repeatable. Forms: "
+    + "; ".join(_FAULT_FORMS) + ". ROUTE is one of upload, create, poll, delete, credit, feature_cost, "
+    "storage_put, storage_get, or * (every route, the default). 429 answers the rate-limit body, 5xx that "
+    "status (5xx means 500), drop closes the connection unanswered, slow waits SECONDS first, lose-create "
+    "makes the task then drops the answer (or answers STATUS), invalid-task-id answers the 400 'Invalid "
+    "task ID' body for a live task (poll by default). Examples: --fault 429:3  --fault 503:poll:2  "
+    "--fault drop:create  --fault slow:poll:2.5  --fault lose-create:1:502  --fault invalid-task-id:2"
+)
+
+
+def _number(text: str, what: str, *, whole: bool = False, minimum: float = 0.0, above: bool = False) -> float:
+    """``text`` as a finite number >= ``minimum`` (> when ``above``); argparse's error otherwise."""
+    import math
+
+    try:
+        value = int(text) if whole else float(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value < minimum or (above and value == minimum):
+        bound = f"{'above' if above else 'at least'} {minimum:g}"
+        raise argparse.ArgumentTypeError(f"{what} must be {'a whole number' if whole else 'a number'} {bound}, "
+                                         f"not {text!r}")
+    return value
+
+
+def _latency_model_arg(text: str):
+    """``realistic``, ``LOW-HIGH`` or ``LOW-HIGH:SHARE:SLOW_LOW-SLOW_HIGH`` -> a LatencyModel."""
+    from .local.server import LatencyModel
+
+    forms = "use 'realistic' (5-7 s, 3% at 30-60 s), LOW-HIGH (e.g. 5-7) or LOW-HIGH:SHARE:SLOW_LOW-SLOW_HIGH " \
+            "(e.g. 5-7:0.03:30-60), in seconds"
+    if text.strip().lower() == "realistic":
+        return LatencyModel()
+
+    def span(part: str) -> tuple[float, float]:
+        low, sep, high = part.partition("-")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"{part!r} is not LOW-HIGH")
+        low_s, high_s = _number(low, "a duration"), _number(high, "a duration")
+        if high_s < low_s:
+            raise argparse.ArgumentTypeError(f"{part!r} ends before it starts")
+        return low_s, high_s
+
+    parts = text.split(":")
+    try:
+        if len(parts) == 1:
+            low_s, high_s = span(parts[0])
+            return LatencyModel(low_s=low_s, high_s=high_s, slow_share=0.0)
+        if len(parts) == 3:
+            low_s, high_s = span(parts[0])
+            share = _number(parts[1], "the slow share")
+            if share > 1:
+                raise argparse.ArgumentTypeError("the slow share is a fraction from 0 to 1 (e.g. 0.03)")
+            slow_low, slow_high = span(parts[2])
+            return LatencyModel(low_s=low_s, high_s=high_s, slow_share=share, slow_low_s=slow_low,
+                                slow_high_s=slow_high)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"bad --latency-model {text!r} ({exc}); {forms}") from None
+    raise argparse.ArgumentTypeError(f"bad --latency-model {text!r}; {forms}")
+
+
+def _time_scale_arg(text: str) -> float:
+    return _number(text, "--time-scale", minimum=0.0, above=True)
+
+
+def _rate_limit_arg(text: str) -> tuple[int | None, float | None]:
+    """``N/SECONDS``, ``N`` (per 300 s) or ``off`` -> (rate_limit, rate_window_s)."""
+    if text.strip().lower() in ("off", "none", "0"):
+        return None, None
+    count, sep, window = text.partition("/")
+    try:
+        limit = int(_number(count, "the request count", whole=True, minimum=1))
+        seconds = _number(window, "the window", minimum=0.0, above=True) if sep else None
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"bad --rate-limit {text!r} ({exc}); use N/SECONDS (e.g. 250/300), "
+                                         "N (per 300 s) or off") from None
+    return limit, seconds
+
+
+def _webhook_url_arg(text: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise argparse.ArgumentTypeError(f"--webhook-url must be an http:// or https:// URL, not {text!r}")
+    return text
+
+
+def _webhook_secret_arg(text: str) -> str:
+    import base64
+    import binascii
+
+    body = text.removeprefix("whsec_")
+    try:
+        ok = text.startswith("whsec_") and bool(base64.b64decode(body, validate=True))
+    except (binascii.Error, ValueError):
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError("--webhook-secret must be whsec_ followed by base64, "
+                                         "e.g. whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+    return text
+
+
+def _fault_arg(text: str) -> tuple[str, dict, str]:
+    """One ``--fault`` value -> (Faults method name, its keyword arguments, the value)."""
+    from .local.server import Faults
+
+    def bad(why: str) -> argparse.ArgumentTypeError:
+        return argparse.ArgumentTypeError(f"bad --fault {text!r}: {why}. Accepted forms: {', '.join(_FAULT_FORMS)}")
+
+    kind, *rest = text.strip().split(":")
+    kind = kind.lower().replace("_", "-")
+    if kind == "expire-urls":
+        raise bad("expire-urls only expires URLs already issued, and a server that is starting has issued none; "
+                  "call LocalServer.faults.expire_urls() from Python instead")
+    route = None
+    if rest and (rest[0] == "*" or rest[0] in Faults.ROUTES or not rest[0].replace(".", "", 1).isdigit()):
+        route = rest.pop(0)
+        if route != "*" and route not in Faults.ROUTES:
+            raise bad(f"unknown route {route!r}; use one of {', '.join(Faults.ROUTES)} or *")
+
+    def done(method: str, **kwargs) -> tuple[str, dict, str]:
+        return method, kwargs, text
+
+    def status_code(value: str, low: int) -> int:
+        import http
+
+        try:
+            code = http.HTTPStatus(int(value))
+        except ValueError:
+            code = None
+        if code is None or not low <= code.value <= 599:
+            raise bad(f"{value!r} is not an HTTP status from {low} to 599 (e.g. 502)")
+        return code.value
+
+    def count(values: list[str]) -> int:
+        if len(values) > 1:
+            raise bad("too many fields")
+        try:
+            return int(_number(values[0], "N", whole=True, minimum=1)) if values else 1
+        except argparse.ArgumentTypeError as exc:
+            raise bad(str(exc)) from None
+
+    if kind == "429":
+        return done("rate_limit", route=route or "*", n=count(rest))
+    if kind == "5xx" or (kind.isdigit() and kind.startswith("5")):
+        status = 500 if kind == "5xx" else status_code(kind, 500)
+        return done("fail", route=route or "*", n=count(rest), status=status)
+    if kind == "drop":
+        return done("drop", route=route or "*", n=count(rest))
+    if kind == "slow":
+        if not rest:
+            raise bad("slow needs SECONDS")
+        try:
+            seconds = _number(rest[0], "SECONDS", minimum=0.0, above=True)
+        except argparse.ArgumentTypeError as exc:
+            raise bad(str(exc)) from None
+        return done("slow", route=route or "*", seconds=seconds, n=count(rest[1:]))
+    if kind in ("lose-create", "lose-create-response"):
+        if route is not None:
+            raise bad("lose-create always applies to create; give no ROUTE")
+        status = status_code(rest.pop(), 400) if len(rest) == 2 else None
+        return done("lose_create_response", n=count(rest), status=status)
+    if kind == "invalid-task-id":
+        if route not in (None, "poll", "delete", "*"):
+            raise bad("invalid-task-id applies to poll, delete or * (both)")
+        return done("invalid_task_id", route=route or "poll", n=count(rest))
+    raise bad(f"unknown fault {kind!r}")
+
+
+def _serve_config(args):
+    """The :class:`~skinlab.local.server.ServerConfig` (with its armed ``Faults``) for ``skinlab serve``."""
+    from .local.server import Faults, ServerConfig
+
+    def error(message: str):
+        parser = getattr(args, "serve_parser", None)
+        if parser is None:  # pragma: no cover - args not from build_parser()
+            raise SystemExit(f"skinlab serve: error: {message}")
+        parser.error(message)
+
+    settings: dict = dict(initial_units=args.units, strict=args.strict, allow_remote_bind=args.allow_remote,
+                          upload_headers_as_list=args.upload_headers_as_list, seed=args.seed)
+    if args.api_key:
+        settings["api_keys"] = list(args.api_key)
+    model = args.latency_model
+    if model is not None and args.task_duration is not None:
+        error("give --task-duration (a fixed duration) or --latency-model (drawn durations), not both")
+    if args.time_scale is not None:
+        if model is None:
+            error("--time-scale scales the latency model's durations; add --latency-model (e.g. realistic), "
+                  "or give a shorter --task-duration")
+        model.time_scale = args.time_scale
+    settings["latency_model"] = model
+    settings["task_duration_s"] = 5.0 if args.task_duration is None else args.task_duration
+    if args.rate_limit is not None:
+        limit, window = args.rate_limit
+        settings["rate_limit"] = limit
+        if window is not None:
+            settings["rate_window_s"] = window
+    if bool(args.webhook_url) != bool(args.webhook_secret):
+        error("webhooks need both --webhook-url and --webhook-secret (whsec_<base64>); give both or neither")
+    if args.webhook_url:
+        settings["webhook_url"] = args.webhook_url[0] if len(args.webhook_url) == 1 else list(args.webhook_url)
+        settings["webhook_secret"] = args.webhook_secret
+    faults = Faults()
+    for method, kwargs, _ in args.fault or ():
+        getattr(faults, method)(**kwargs)
+    settings["faults"] = faults
+    return ServerConfig(**settings)
+
+
 def _cmd_serve(args) -> int:
     from .local import LocalServer
 
-    settings = dict(task_duration_s=args.task_duration, initial_units=args.units, strict=args.strict)
-    if args.api_key:
-        settings["api_keys"] = list(args.api_key)
-    server = LocalServer(host=args.host, port=args.port, allow_remote_bind=args.allow_remote, **settings)
+    config = _serve_config(args)
+    server = LocalServer(config, host=args.host, port=args.port)
     server.start()
     _print(f"skinlab local emulator serving the YouCam skin-analysis contract at {server.url}")
     _print(f"Use it with: skinlab.Client(base_url={server.url!r})   (Ctrl-C to stop)")
+    if args.fault:
+        _print(f"Faults armed: {', '.join(text for _, _, text in args.fault)} (each for its first N matching "
+               "requests)")
     try:
         server.wait()
     except KeyboardInterrupt:
@@ -166,9 +383,13 @@ def _cmd_sample(args) -> int:
 
 
 def _cmd_app(args) -> int:
-    from .widgets.serve import serve
+    from .widgets.serve import VoilaMissing, serve
 
-    return serve(args.ledger, port=args.port, open_browser=not args.no_browser)
+    try:
+        return serve(args.ledger, port=args.port, open_browser=not args.no_browser, announce=_print)
+    except VoilaMissing as exc:
+        print(exc, file=sys.stderr, flush=True)
+        return 2
 
 
 def _cmd_fetch_model(args) -> int:
@@ -221,12 +442,30 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the local emulator of the API")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
-    s.add_argument("--task-duration", type=float, default=5.0, help="seconds a task runs (default 5, as the cloud)")
+    s.add_argument("--task-duration", type=float, default=None, metavar="SECONDS",
+                   help="seconds every task runs (default 5, as the cloud; 0 for instant tasks)")
+    s.add_argument("--latency-model", type=_latency_model_arg, metavar="SPEC",
+                   help="draw each task's duration instead of --task-duration: 'realistic' (5-7 s, 3%% of tasks "
+                        "30-60 s), LOW-HIGH (uniform, e.g. 5-7) or LOW-HIGH:SHARE:SLOW_LOW-SLOW_HIGH "
+                        "(e.g. 5-7:0.03:30-60), in seconds")
+    s.add_argument("--time-scale", type=_time_scale_arg, metavar="FACTOR",
+                   help="multiply the latency model's durations (e.g. 0.01 runs a benchmark 100x faster)")
+    s.add_argument("--seed", type=int, help="seed the latency model and the ids, for repeatable runs")
     s.add_argument("--units", type=int, default=1000, help="starting unit balance")
     s.add_argument("--strict", action="store_true", help="the documented 0.60 face width and 4096 px limit")
     s.add_argument("--api-key", action="append", help="accept only this key (repeatable)")
     s.add_argument("--allow-remote", action="store_true", help="allow binding a non-loopback address")
-    s.set_defaults(func=_cmd_serve)
+    s.add_argument("--rate-limit", type=_rate_limit_arg, metavar="N/SECONDS",
+                   help="requests allowed per key and per client address in a sliding window: N/SECONDS, "
+                        "N (per 300 s), or off (default 250/300, as the cloud)")
+    s.add_argument("--upload-headers-as-list", action="store_true",
+                   help='upload slots give headers as [{"key": ..., "value": ...}] instead of an object')
+    s.add_argument("--webhook-url", action="append", type=_webhook_url_arg, metavar="URL",
+                   help="POST a signed notice here when a task finishes (repeatable; needs --webhook-secret)")
+    s.add_argument("--webhook-secret", type=_webhook_secret_arg, metavar="whsec_BASE64",
+                   help="the key webhooks are signed with (Standard Webhooks, whsec_<base64>)")
+    s.add_argument("--fault", action="append", type=_fault_arg, metavar="SPEC", help=_FAULT_HELP)
+    s.set_defaults(func=_cmd_serve, serve_parser=s)
 
     m = sub.add_parser("sample", help="write a bundled public-domain portrait")
     m.add_argument("name", choices=["astronaut", "grace_hopper"])

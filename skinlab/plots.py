@@ -24,12 +24,18 @@ Extra columns are ignored.
 
 Local-engine and cloud scores are never drawn in one series: a table or pair of results with
 more than one ``backend`` raises :class:`MixedBackendsError` unless ``allow_mixed=True``.
+:func:`score_profile` also refuses a table that holds a concern (action and region) twice
+without a ``submission_id`` to tell the submissions apart.
 
 Faces appear only here, when a plot is asked for: :func:`mask_overlay` draws the photo;
 no other function does, and no repr shows an image.
 
-matplotlib is imported inside the functions, so ``import skinlab`` stays fast. In Jupyter,
-end the line with ``;`` (or assign the figure) to avoid seeing it twice.
+matplotlib is imported inside the functions, so ``import skinlab`` stays fast. Figures are
+built with :class:`matplotlib.figure.Figure`, not pyplot: they are not kept in pyplot's list of
+open figures (nothing to close, safe from any thread), and in Jupyter a figure is shown once, as
+the value of the cell. So do not end the line with ``;`` (that hides it); assign the figure and
+``display(fig)`` it later, or pass ``ax=`` from ``plt.subplots()`` to draw into pyplot figures
+(needed for interactive backends such as ipympl).
 """
 
 from __future__ import annotations
@@ -99,13 +105,13 @@ from .errors import MixedBackendsError  # noqa: E402 - one class for the ledger 
 
 
 def _mpl():
-    """Import matplotlib on first use, with an install hint if it is missing."""
+    """Import matplotlib's Figure on first use (never pyplot), with an install hint if it is missing."""
     try:
-        import matplotlib  # noqa: F401
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError as exc:  # pragma: no cover - matplotlib is a test dependency
         raise ImportError("skinlab.plots needs matplotlib: pip install 'skinlab[notebook]'") from exc
-    return plt
+    return Figure, FigureCanvasAgg
 
 
 def _score_col(score: str) -> str:
@@ -252,9 +258,57 @@ def _one_submission(df, func: str) -> None:
                          "(submission_id). Select one first, e.g. df[df['submission_id'] == ...].")
 
 
+def _notebook_display() -> None:
+    """Let IPython show figures made without pyplot: register the PNG formatter pyplot's inline
+    backend would register, unless a figure format is registered already (the user's choice of
+    PNG, retina or SVG is kept). Does nothing outside IPython."""
+    import sys
+
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    formatters = getattr(getattr(shell, "display_formatter", None), "formatters", None)
+    if not formatters or "image/png" not in formatters:
+        return
+    from matplotlib.figure import Figure
+
+    for mime in ("image/png", "image/svg+xml", "image/jpeg", "application/pdf"):
+        if mime in formatters:
+            try:
+                formatters[mime].lookup_by_type(Figure)
+            except KeyError:
+                continue
+            return
+    from functools import partial
+
+    from IPython.core.pylabtools import print_figure
+
+    formatters["image/png"].for_type(Figure, partial(print_figure, fmt="png", base64=True))
+
+
 def _new_figure(figsize):
-    plt = _mpl()
-    return plt.figure(figsize=figsize, layout="constrained")
+    """A new Figure with an Agg canvas, outside pyplot (no registry, no double display)."""
+    Figure, FigureCanvasAgg = _mpl()
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    _notebook_display()
+    return fig
+
+
+def _check_profile_rows(df, func: str) -> None:
+    """Refuse a table holding the same concern (action, region) twice: two submissions that the
+    table cannot tell apart (a bar per concern would show one of them and hide the other)."""
+    key = _key_column(df, func)
+    region = df["region"].fillna("whole") if "region" in df.columns else None
+    keys = df[key].astype(str) if region is None else df[key].astype(str) + " / " + region.astype(str)
+    twice = list(dict.fromkeys(keys[keys.duplicated()]))
+    if twice:
+        has_id = "submission_id" in df.columns and df["submission_id"].notna().any()
+        why = ("its submission_id does not tell them apart" if has_id
+               else "and it has no submission_id column to tell them apart")
+        raise ValueError(
+            f"{func}() draws one submission, but the table holds the same action and region more than once "
+            f"({len(twice)} repeated: {', '.join(twice[:4])}{', ...' if len(twice) > 4 else ''}), {why}. "
+            "Pass the scores of one submission, e.g. ledger.scores() filtered by submission_id, or one result.")
 
 
 def _fmt(value: float, col: str) -> str:
@@ -282,8 +336,8 @@ def _profile_rows(df, col: str, regions: bool) -> list[tuple[str, str, float, bo
     return rows
 
 
-def score_profile(result, *, score: str = "ui", regions: bool = False, ax=None, title: str | None = None,
-                  annotate: bool = True):
+def score_profile(result, *, score: str = "ui", regions: bool = False, allow_mixed: bool = False, ax=None,
+                  title: str | None = None, annotate: bool = True):
     """One horizontal bar per concern: the score profile of one submission.
 
     Parameters
@@ -296,6 +350,9 @@ def score_profile(result, *, score: str = "ui", regions: bool = False, ax=None, 
         Which score to draw (both run 1 to 100, higher meaning healthier skin).
     regions : bool
         Add a bar per facial region for concerns scored by region (HD wrinkles and pores).
+    allow_mixed : bool
+        Allow rows of more than one backend (say local-engine scores for some concerns and cloud
+        scores for others); otherwise :class:`MixedBackendsError` names the backends.
     ax : matplotlib Axes, optional
         Draw into this axes instead of a new figure.
     title : str, optional
@@ -307,12 +364,24 @@ def score_profile(result, *, score: str = "ui", regions: bool = False, ax=None, 
     matplotlib.figure.Figure
         Bars run top to bottom in catalogue order; skin type (a category) is written in the note,
         and with ``score="ui"`` the overall score is a dashed line.
+
+    Raises
+    ------
+    MixedBackendsError
+        The rows come from more than one backend and ``allow_mixed`` is False.
+    ValueError
+        The table holds more than one submission: several ``submission_id`` values, or (with or
+        without ``allow_mixed``) the same action and region twice.
     """
     col = _score_col(score)
     df = _as_scores(result, "result")
     _require(df, [col], "score_profile")
     _one_submission(df, "score_profile")
-    _check_backends(df, allow_mixed=True, func="score_profile")
+    if "backend" not in df.columns and getattr(result, "backend", None):
+        df = df.assign(backend=result.backend)
+    if "backend" in df.columns:  # one submission without a backend column has nothing to mix
+        _check_backends(df, allow_mixed=allow_mixed, func="score_profile")
+    _check_profile_rows(df, "score_profile")
     rows = _profile_rows(df, col, regions)
     if not rows:
         raise ValueError(f"score_profile(): no {col} in this result (only skin type was requested?)")
@@ -647,6 +716,24 @@ def mask_overlay(result, concerns=None, *, regions: bool = False, colors: str | 
 # ----------------------------------------------------------------------------- two results
 
 
+def _axes_pair(ax, func: str):
+    """``(ax_scores, ax_change)`` from a pair of Axes, or a clear error."""
+    from matplotlib.axes import Axes
+
+    if isinstance(ax, Axes):
+        raise TypeError(f"{func}(): ax= takes a pair of Axes (the scores and the change), not a single Axes; "
+                        "e.g. fig, (ax1, ax2) = plt.subplots(1, 2) and ax=(ax1, ax2), or leave ax out for a "
+                        "new figure.")
+    try:
+        pair = list(ax.ravel() if hasattr(ax, "ravel") else ax)
+    except TypeError:
+        raise TypeError(f"{func}(): ax= takes a pair of matplotlib Axes, not {type(ax).__name__}") from None
+    if len(pair) != 2 or not all(isinstance(a, Axes) for a in pair):
+        raise TypeError(f"{func}(): ax= takes a pair of matplotlib Axes (the scores and the change); got "
+                        f"{len(pair)} item(s): {', '.join(type(a).__name__ for a in pair) or 'none'}.")
+    return pair
+
+
 def before_after(before, after, *, score: str = "ui", labels: tuple[str, str] = ("Before", "After"),
                  regions: bool = False, allow_mixed: bool = False, ax=None, title: str | None = None):
     """Two submissions side by side, and the change per concern (after - before).
@@ -664,7 +751,8 @@ def before_after(before, after, *, score: str = "ui", labels: tuple[str, str] = 
         Allow a local-engine result to be compared with a cloud one (their scores are not on one
         scale; without this a :class:`MixedBackendsError` names the two backends).
     ax : pair of matplotlib Axes, optional
-        Where to draw the scores and the change.
+        Where to draw the scores and the change, e.g. ``plt.subplots(1, 2)[1]``; a single Axes
+        is refused (two panels are drawn).
 
     Returns
     -------
@@ -675,6 +763,8 @@ def before_after(before, after, *, score: str = "ui", labels: tuple[str, str] = 
     import pandas as pd
 
     col = _score_col(score)
+    if ax is not None:
+        ax = _axes_pair(ax, "before_after")
     a, b = _as_scores(before, "before"), _as_scores(after, "after")
     for df, res in ((a, before), (b, after)):
         _require(df, [col], "before_after")
@@ -913,8 +1003,10 @@ def _fit_xticklabels(ax) -> None:
         return
     for t in labels:
         t.set(rotation=0, rotation_mode="default", ha="center", va="top")
-    ax.figure.draw_without_rendering()
-    renderer = ax.figure.canvas.get_renderer()
+    fig = ax.figure
+    fig.draw_without_rendering()
+    # a Figure made without pyplot and without an Agg canvas has no canvas.get_renderer()
+    renderer = fig.canvas.get_renderer() if hasattr(fig.canvas, "get_renderer") else fig._get_renderer()
     boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda b: b.x0)
     if all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])):
         return

@@ -358,3 +358,47 @@ def test_cli_serve_runs_the_emulator_until_interrupted(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cli_serve_options_inject_faults_seen_over_http():
+    """`skinlab serve` with options: the faults are armed at start and seen by a plain HTTP client."""
+    import time
+
+    import requests
+
+    env = {k: v for k, v in os.environ.items() if k not in ("SKINLAB_API_KEY", "YOUCAM_API_KEY")}
+    proc = subprocess.Popen([sys.executable, "-m", "skinlab.cli", "serve", "--port", "0", "--task-duration", "0",
+                             "--rate-limit", "off", "--upload-headers-as-list", "--fault", "invalid-task-id:2",
+                             "--fault", "503:credit"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        lines = [proc.stdout.readline() for _ in range(3)]
+        url = re.search(r"at (http://127\.0\.0\.1:\d+)", lines[0])
+        assert url, lines
+        assert "Faults armed: invalid-task-id:2, 503:credit" in lines[2], lines
+        base, auth = url[1], {"Authorization": "Bearer serve-options"}
+        assert [requests.get(base + "/s2s/v1.0/client/credit", headers=auth, timeout=30).status_code
+                for _ in range(2)] == [503, 200]
+        slot = requests.post(base + "/s2s/v2.0/file", headers=auth, timeout=30, json={"files": [
+            {"content_type": "image/jpeg", "file_name": "a.jpg", "file_size": 3}]}).json()["data"]["files"][0]
+        assert slot["requests"][0]["headers"] == [{"key": "Content-Length", "value": "3"},
+                                                  {"key": "Content-Type", "value": "image/jpeg"}]
+        created = requests.post(base + "/s2s/v2.0/task/skin-analysis", headers=auth, timeout=30,
+                                json={"src_file_id": slot["file_id"], "dst_actions": ["redness"]})
+        task = f"{base}/s2s/v2.0/task/skin-analysis/{created.json()['data']['task_id']}"
+        for _ in range(2):
+            resp = requests.get(task, headers=auth, timeout=30)
+            assert resp.status_code == 400
+            assert resp.json() == {"status": 400, "error": "Invalid task ID", "error_code": "InvalidTaskId"}
+        for _ in range(200):                                   # then the live task answers again
+            data = requests.get(task, headers=auth, timeout=30).json()["data"]
+            if data["task_status"] != "running":
+                break
+            time.sleep(0.05)
+        assert data["error"] == "unknown_internal_error"      # never PUT: check 1
+        proc.send_signal(signal.SIGINT)
+        assert "stopping" in proc.communicate(timeout=30)[0] and proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -121,6 +122,90 @@ def test_score_profile_into_given_axes_and_from_a_table(results):
         plots.score_profile(two)
     with pytest.raises(ValueError, match="'ui' or 'raw'"):
         plots.score_profile(table, score="uii")
+
+
+def test_score_profile_refuses_mixed_backends_and_a_concern_twice(results):
+    """The audit's case: local and cloud rows of the same concerns, no submission_id. Before, the
+    profile drew the local values under a note naming both backends."""
+    local = results["zip"].scores
+    cloud = local.assign(backend="cloud", engine="youcam-skin-analysis v2.0",
+                         ui_score=local["ui_score"].where(local["ui_score"].isna(), 99))
+    both = pd.concat([local, cloud], ignore_index=True)
+    assert "submission_id" not in both.columns
+    mixed = r"score_profile\(\).*cloud \(\d+ rows\), local \(\d+ rows\)"
+    with pytest.raises(plots.MixedBackendsError, match=mixed):
+        plots.score_profile(both)
+    # allowing the mix does not make two submissions one: each concern is there twice
+    twice = rf"same action and region more than once \({len(local)} repeated: wrinkle / whole, .*no submission_id column"
+    with pytest.raises(ValueError, match=twice) as info:
+        plots.score_profile(both, allow_mixed=True)
+    assert not isinstance(info.value, plots.MixedBackendsError)
+    # one backend, two submissions stacked without their ids: refused too, not half drawn
+    with pytest.raises(ValueError, match="more than once"):
+        plots.score_profile(pd.concat([local, local], ignore_index=True))
+    with pytest.raises(ValueError, match="submission_id does not tell them apart"):
+        plots.score_profile(pd.concat([local, local], ignore_index=True).assign(submission_id=7))
+    # different concerns from the two backends: refused unless asked, then drawn with both named
+    wrinkle = local["action"] == "wrinkle"
+    part = pd.concat([local[~wrinkle], cloud[wrinkle]], ignore_index=True)
+    with pytest.raises(plots.MixedBackendsError):
+        plots.score_profile(part)
+    fig = plots.score_profile(part, allow_mixed=True)
+    ax = fig.axes[0]
+    widths = {b.get_gid(): b.get_width() for b in _bars(ax)}
+    assert widths["wrinkle"] == 99 and widths["redness"] == float(local.set_index("action").loc["redness", "ui_score"])
+    note = " ".join(t.get_text() for t in ax.texts)
+    assert "YouCam cloud" in note and "local engine" in note
+    # a result's own table (one backend) still draws, with or without a backend column
+    assert plots.score_profile(local.drop(columns=["backend", "engine"])).axes
+
+
+def test_plots_are_built_without_pyplot(results, tmp_path):
+    """No figure is added to pyplot's registry (in notebooks pyplot's figures are shown again at the
+    end of the cell, and they pile up); each call still returns a Figure that saves."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    plt.close("all")
+    df = study_table()
+    before = plt.get_fignums()
+    figs = [
+        plots.score_profile(results["zip"]),
+        plots.mask_overlay(results["zip"], ["wrinkle", "redness"]),
+        plots.mask_overlay(results["zip"], "acne"),
+        plots.before_after(results["zip"], results["red_json"]),
+        plots.cohort(df, by="condition"),
+        plots.time_course(df, ["wrinkle", "pore"], by="condition"),
+    ]
+    assert plt.get_fignums() == before == []
+    for fig in figs:
+        assert isinstance(fig, Figure) and isinstance(fig.canvas, FigureCanvasAgg)
+        assert fig.canvas.manager is None  # not a pyplot window
+    out = plots.save_figure(figs[4], tmp_path / "cohort.png", dpi=40)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.suffix for p in plots.save_figure(figs[0], tmp_path / "p", formats=["svg", "pdf"])] == [".svg", ".pdf"]
+
+
+def test_plots_import_no_pyplot_and_show_once_in_ipython():
+    """In a fresh IPython shell (where pyplot was never imported) a returned figure still has a
+    PNG representation, registered once; pyplot is never imported."""
+    pytest.importorskip("IPython")
+    code = textwrap.dedent("""
+        import sys
+        import pandas as pd
+        from IPython.core.interactiveshell import InteractiveShell
+        shell = InteractiveShell.instance()
+        from skinlab import plots
+        df = pd.DataFrame({"action": ["wrinkle", "pore"], "region": "whole", "ui_score": [60, 70],
+                           "backend": "local"})
+        fig = plots.score_profile(df)
+        plots.score_profile(df)
+        data, _ = shell.display_formatter.format(fig)
+        print(sorted(data), "matplotlib.pyplot" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['image/png', 'text/plain'] False"
 
 
 def _reference_composite(photo: Image.Image, mask: Image.Image, color: str | None) -> np.ndarray:
@@ -247,6 +332,30 @@ def test_before_after_bars_and_change(results):
     save(fig, "before_after.png")
 
 
+def test_before_after_into_a_pair_of_axes_and_not_one(results):
+    before, after = results["zip"], results["red_json"]
+    fig, (ax_s, ax_c) = plt.subplots(1, 2, figsize=(10, 6))
+    assert plots.before_after(before, after, ax=(ax_s, ax_c), labels=("Original", "Reddened")) is fig
+    assert len(fig.axes) == 2  # drawn into the given pair, no new axes
+    gids = [p.get_gid() for p in ax_s.patches if p.get_gid()]
+    assert gids and all(g.split(":")[0] in ("before", "after") for g in gids)
+    change = {p.get_gid(): p.get_width() for p in ax_c.patches if p.get_gid()}
+    a = before.scores.set_index("action")["ui_score"].dropna().astype(float)
+    b = after.scores.set_index("action")["ui_score"].dropna().astype(float)
+    assert change["change:redness:Redness"] == b["redness"] - a["redness"]
+    assert set(change) == {f"change:{k}:{plots.concern_label(k)}" for k in a.index}
+    assert [t.get_text() for t in ax_s.get_legend().get_texts()] == ["Original", "Reddened"]
+    assert [t.get_text() for t in ax_c.get_legend().get_texts()] == ["Change: healthier", "Change: less healthy"]
+    _, pair = plt.subplots(1, 2)  # the numpy array plt.subplots gives works as it is
+    assert plots.before_after(before, after, ax=pair) is pair[0].figure
+    with pytest.raises(TypeError, match=r"ax= takes a pair of Axes.*not a single Axes"):
+        plots.before_after(before, after, ax=ax_s)
+    with pytest.raises(TypeError, match=r"pair of matplotlib Axes.*got 3 item"):
+        plots.before_after(before, after, ax=[ax_s, ax_c, ax_s])
+    with pytest.raises(TypeError, match="pair of matplotlib Axes, not int"):
+        plots.before_after(before, after, ax=3)
+
+
 def test_before_after_never_mixes_local_and_cloud(results):
     local = results["zip"].scores
     cloud = local.assign(backend="cloud", engine="youcam-skin-analysis v2.0")
@@ -370,6 +479,36 @@ def test_cohort_concern_labels_never_overlap(figsize, n, expected):
         assert gaps.min() * np.sin(np.radians(angle)) > level_height
     if figsize == (7, 4) and n == 15:
         save(fig, "cohort_all_concerns_7x4.png")
+
+
+def test_cohort_and_time_course_colours_are_the_palette():
+    """The groups get SERIES_COLORS in order (all Okabe-Ito); the overall mean is Okabe-Ito black."""
+    df = study_table()
+    okabe = {c.lower() for c in plots.OKABE_ITO.values()}
+    series = [c.lower() for c in plots.SERIES_COLORS]
+    assert set(series) == okabe
+    groups = ["placebo", "cream"]
+    ax = plots.cohort(df, by="condition").axes[0]
+    boxes = [p for p in ax.patches if (p.get_gid() or "").startswith("box:")]
+    assert len(boxes) == 6
+    for box in boxes:
+        group = box.get_gid().split(":")[2]
+        assert to_hex(box.get_facecolor()) == to_hex(box.get_edgecolor()) == series[groups.index(group)]
+    for dots in [c for c in ax.collections if (c.get_gid() or "").startswith("points:")]:
+        group = dots.get_gid().split(":")[2]
+        assert {to_hex(c) for c in dots.get_facecolors()} == {series[groups.index(group)]}
+    assert [to_hex(h.get_facecolor()) for h in ax.get_legend().legend_handles] == series[:2]
+    ax = plots.time_course(df, "wrinkle", by="condition").axes[0]
+    for group in groups:
+        (mean,) = [ln for ln in ax.lines if ln.get_gid() == f"mean:wrinkle:{group}"]
+        assert to_hex(mean.get_color()) == series[groups.index(group)]
+        (band,) = [c for c in ax.collections if c.get_gid() == f"spread:wrinkle:{group}"]
+        assert to_hex(band.get_facecolor()[0]) == series[groups.index(group)]
+    subjects = [ln for ln in ax.lines if (ln.get_gid() or "").startswith("subject:")]
+    assert subjects and {to_hex(ln.get_color()) for ln in subjects} <= set(series[:2])
+    ax = plots.time_course(df, "wrinkle").axes[0]
+    (mean,) = [ln for ln in ax.lines if ln.get_gid() == "mean:wrinkle:all"]
+    assert to_hex(mean.get_color()) == plots.OKABE_ITO["black"].lower()
 
 
 def expected_means(df, action, condition=None):

@@ -19,7 +19,11 @@ __all__ = ["App", "app"]
 class App(widgets.VBox):
     """The action picker, image picker, submit panel, submissions table and result viewer, wired
     together. Build it with :func:`skinlab.app`; the parts are attributes (``actions``,
-    ``images``, ``submit``, ``table``, ``viewer``) and all messages go to ``feedback``."""
+    ``images``, ``submit``, ``table``, ``viewer``) and all messages go to ``feedback``.
+
+    The thumbnails and the viewer's images are widget state (saved into the notebook only with
+    "Save Widget State Automatically" on); :meth:`clear_images` empties them, and :meth:`close`
+    empties them and closes every widget of the form."""
 
     def __init__(self, ledger=None, *, client=None, tier: str = "sd", concerns=(), start_dir: str | None = None,
                  upload_limit_mb: float = logic.UPLOAD_LIMIT_MB, max_workers: int = 2, **options) -> None:
@@ -64,6 +68,30 @@ class App(widgets.VBox):
         self.feedback.info("Messages about your photos and submissions appear here.")
         self.viewer.show(self.table.selected)
 
+    def image_widgets(self) -> list[widgets.Image]:
+        """Every image widget of the form: the thumbnails and the viewer's images."""
+        return self.images.image_widgets() + self.viewer.image_widgets()
+
+    def clear_images(self) -> None:
+        """Empty the thumbnails and the result viewer's images (lists, tables and scores stay)."""
+        self.images.clear_images()
+        self.viewer.clear_images()
+
+    def close(self) -> None:
+        """Empty the images, then close the form and every widget in it."""
+        self.clear_images()
+        seen, stack, tree = set(), list(self.children), []
+        while stack:
+            w = stack.pop()
+            if id(w) in seen:
+                continue
+            seen.add(id(w))
+            tree.append(w)
+            stack.extend(c for c in getattr(w, "children", ()) if isinstance(c, widgets.Widget))
+        for w in tree:
+            w.close()
+        super().close()
+
     @guard
     def _tier_follow(self, picker) -> None:
         self.images.set_tier(picker.tier)
@@ -98,7 +126,9 @@ def app(ledger=None, *, client=None, tier: str = "sd", concerns=(), start_dir: s
     start_dir : str, optional
         Where the path chooser starts (default: the working directory).
     upload_limit_mb : float
-        The notebook server's upload limit the form states (Tornado's default: 10 MiB).
+        The notebook server's upload limit the form states: 10 MiB, the default of Jupyter Server
+        and Voilà (Tornado's ``websocket_max_message_size``). Pass the new value when the server
+        was started with a larger one (``--ServerApp.tornado_settings``).
     max_workers : int
         Photos analysed at once.
     **options

@@ -20,7 +20,9 @@ class ImagePicker(widgets.VBox):
     Four ways in: the upload button, a path or folder (typed, or browsed in the list below it), an
     http(s) URL, and a bundled public-domain sample portrait. Each photo gets an upright thumbnail
     and its pre-flight verdict for the current tier. Uploaded bytes are read into Python and then
-    removed from the upload widget, so the photos are not saved inside the notebook.
+    removed from the upload widget. The thumbnails are widget state, which Jupyter saves into the
+    notebook only with "Save Widget State Automatically" on (off by default): :meth:`clear_images`
+    or :meth:`close` empties them, and the note under the upload button says so.
 
     Parameters
     ----------
@@ -29,7 +31,8 @@ class ImagePicker(widgets.VBox):
     start_dir : str, optional
         Where the path chooser starts (default: the working directory).
     upload_limit_mb : float
-        The notebook server's upload limit to state (Tornado's default is 10 MiB).
+        The notebook server's upload limit to state (10 MiB, Tornado's default
+        ``websocket_max_message_size``, unless the server was started with another).
     upload : widget, optional
         The upload widget to use (default: a new ``ipywidgets.FileUpload``); its ``value`` may
         be in the ipywidgets 8 format (tuple of dicts) or the ipywidgets 7 one (dict).
@@ -58,9 +61,9 @@ class ImagePicker(widgets.VBox):
         self.upload.observe(self._uploaded, names="value")
         self.upload_note = widgets.HTML(
             "<div style='color:#555;font-size:12px;line-height:1.4;max-width:760px'>"
-            + html.escape(logic.upload_limit_text(upload_limit_mb))
-            + " Uploaded photos are read into Python, then removed from the upload widget, so they are not "
-              "saved inside the notebook.</div>")
+            + html.escape(logic.upload_limit_text(upload_limit_mb)) + "<br>"
+            + html.escape(logic.widget_state_text()) + "</div>")
+        self.upload_note.add_class("skinlab-upload-note")
 
         start = os.path.abspath(os.path.expanduser(start_dir or os.getcwd()))
         self.path = widgets.Text(value=start, description="Path", placeholder="a photo, or a folder of photos",
@@ -143,6 +146,31 @@ class ImagePicker(widgets.VBox):
         if rejected:
             self.feedback.warn(f"{len(rejected)} photo(s) do not fit {tier.upper()}; see the list.")
 
+    def image_widgets(self) -> list[widgets.Image]:
+        """The thumbnail widgets shown now (their ``value`` is a PNG of the photo)."""
+        return [row.children[0] for row in self._rows.values()
+                if row.children and isinstance(row.children[0], widgets.Image)]
+
+    def clear_images(self) -> None:
+        """Empty the thumbnails (the list stays, each row says "preview cleared"), so no picture of
+        a face is left in the widget state."""
+        for row in list(self._rows.values()):
+            if row.children and isinstance(row.children[0], widgets.Image):
+                thumb = row.children[0]
+                thumb.value = b""
+                row.children = (widgets.HTML("<div style='width:64px;color:#999;font-size:11px'>preview "
+                                             "cleared</div>"),) + tuple(row.children[1:])
+                thumb.close()
+        for item in self.items:
+            item.thumbnail = None  # rows drawn again (tier switch) stay without a preview
+
+    def close(self) -> None:
+        """Empty the thumbnails, then close the picker and its list."""
+        self.clear_images()
+        for key in list(self._rows):
+            self._drop_row(key)
+        super().close()
+
     def add_items(self, items: list[logic.ImageItem]) -> None:
         known = {i.key for i in self.items}
         added = 0
@@ -168,8 +196,8 @@ class ImagePicker(widgets.VBox):
             items = [logic.item_from_upload(e.name, e.data, self.tier) for e in entries]
         finally:
             logic.clear_upload(self.upload)
-        self.feedback.info(f"Read {len(entries)} uploaded file(s); their bytes were removed from the upload widget, "
-                           "so the photos are not saved inside the notebook.")
+        self.feedback.info(f"Read {len(entries)} uploaded file(s); their bytes were removed from the upload widget "
+                           "(the thumbnails stay in the widget state: see the note under the upload button).")
         self.add_items(items)
 
     @guard

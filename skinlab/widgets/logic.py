@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import html
 import io
+import logging
 import os
 import threading
 import warnings
@@ -26,7 +27,7 @@ __all__ = [
     "filter_submissions", "item_from_path", "item_from_sample", "item_from_upload", "item_from_url",
     "items_from_path", "list_folder", "mask_options", "mask_png", "open_ledger", "outcome_text", "profile_png",
     "selected_actions", "submission_header_html", "submission_options", "submissions_table_html",
-    "tags_from_fields", "thumbnail_png", "units_summary", "upload_entries", "upload_limit_text",
+    "tags_from_fields", "thumbnail_png", "units_summary", "upload_entries", "upload_limit_text", "widget_state_text",
 ]
 
 #: The concerns as the action picker groups them (every concern once).
@@ -37,8 +38,9 @@ CONCERN_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Skin type", ("skin_type",)),
 )
 
-#: Tornado's default ``websocket_max_message_size`` (10 MiB): one upload message (all files
-#: picked at once) larger than this never reaches the kernel in Jupyter Server, Notebook 7 and Voilà.
+#: Tornado's default ``websocket_max_message_size`` (10 MiB), which Jupyter Server (JupyterLab,
+#: Notebook 7) and Voilà keep: one upload message (all files picked at once) larger than this never
+#: reaches the kernel.
 UPLOAD_LIMIT_MB = 10
 
 #: Where :func:`skinlab.app` keeps its ledger unless told otherwise.
@@ -190,11 +192,28 @@ def clear_upload(widget) -> None:
 
 
 def upload_limit_text(limit_mb: float = UPLOAD_LIMIT_MB) -> str:
-    """What the form says about the upload size limit (plain text)."""
-    return (f"Uploads reach Python through the notebook server's websocket, which by default accepts at most "
-            f"{limit_mb:g} MiB per upload (all files picked at once count together; a larger upload is silently "
-            "dropped). For larger or many photos use the path chooser. The service itself accepts photos up to "
-            "10 MB, JPEG or PNG.")
+    """What the form says about the upload size limit (plain text).
+
+    ``limit_mb`` is the limit of the server the form runs in; 10 MiB is the default of Jupyter
+    Server and Voilà (Tornado's ``websocket_max_message_size``), which the text says together with
+    how to raise it.
+    """
+    return (f"Uploads reach Python through the notebook server's websocket, which accepts at most {limit_mb:g} MiB "
+            "per upload (all files picked at once count together; a larger upload is silently dropped). "
+            f"{UPLOAD_LIMIT_MB:g} MiB is the default of Jupyter Server (JupyterLab, Notebook 7) and Voilà: Tornado's "
+            "websocket_max_message_size setting. To raise it, start the server with, e.g., "
+            "--ServerApp.tornado_settings=\"{'websocket_max_message_size': 104857600}\" (100 MiB; "
+            "--Voila.tornado_settings for Voilà), and tell the form with upload_limit_mb=100. For larger or many "
+            "photos use the path chooser. The service itself accepts photos up to 10 MB, JPEG or PNG.")
+
+
+def widget_state_text() -> str:
+    """What the form says about where the photos go (plain text); the tests hold the form to it."""
+    return ("Uploaded photos are read into Python, then their bytes are removed from the upload widget. The "
+            "thumbnails below and the result viewer's images (a mask over the photo, the profile plot) are "
+            "widget state: Jupyter writes widget state into the notebook file only when \"Save Widget State "
+            "Automatically\" (Settings menu) is on. It is off by default; leave it off. clear_images() or "
+            "closing the form (close()) empties them.")
 
 
 @dataclass
@@ -462,14 +481,59 @@ class _WarningRouter:
 _router = _WarningRouter()
 
 
+class _LogRouter(logging.Handler):
+    """Send records of the ``skinlab`` loggers (WARNING and above) emitted while runs are active,
+    by any thread, to the runs' sinks, as :class:`_WarningRouter` does for warnings.
+
+    Attached to the ``skinlab`` logger only while a run is active. In a notebook nothing else
+    handles these records, so they would go to stderr (logging's last resort). Records of
+    ``skinlab.widgets`` are left alone: they concern errors the form shows already.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self._sinks_lock = threading.Lock()
+        self._sinks: list[Callable[[int, str], None]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == "skinlab.widgets" or record.name.startswith("skinlab.widgets."):
+            return
+        try:
+            text = record.getMessage()
+        except Exception:  # a bad format string: say what we have
+            text = str(record.msg)
+        with self._sinks_lock:
+            sinks = list(self._sinks)
+        for sink in sinks:
+            sink(record.levelno, text)
+
+    def add(self, sink: Callable[[int, str], None]) -> None:
+        with self._sinks_lock:
+            if not self._sinks:
+                logging.getLogger("skinlab").addHandler(self)
+            self._sinks.append(sink)
+
+    def remove(self, sink: Callable[[int, str], None]) -> None:
+        with self._sinks_lock:
+            if sink in self._sinks:
+                self._sinks.remove(sink)
+            if not self._sinks:
+                logging.getLogger("skinlab").removeHandler(self)
+
+
+_log_router = _LogRouter()
+
+
 class Runner:
     """Runs :func:`skinlab.batch.analyze_many` in one worker thread at a time.
 
     :meth:`start` returns False (and starts nothing) while a run is going on, so a double click
     never makes two runs. Callbacks are called from the worker thread: ``on_update`` with each
     :class:`~skinlab.batch.BatchItem` as it changes, ``on_warning`` with each warning's text,
-    then ``on_done`` with the :class:`~skinlab.batch.BatchReport`, or ``on_error`` with the
-    exception that stopped the run; ``on_finally`` last, always.
+    ``on_log`` with ``(level, text)`` of each record of the ``skinlab`` loggers at WARNING or
+    above (default: its text to ``on_warning``), then ``on_done`` with the
+    :class:`~skinlab.batch.BatchReport`, or ``on_error`` with the exception that stopped the run;
+    ``on_finally`` last, always. Warnings and log records are routed only while the run is active.
     """
 
     def __init__(self) -> None:
@@ -486,7 +550,7 @@ class Runner:
         return self._busy
 
     def start(self, images, actions, *, ledger, client, tags=None, max_workers: int = 2,
-              on_update=None, on_done=None, on_error=None, on_warning=None, on_finally=None,
+              on_update=None, on_done=None, on_error=None, on_warning=None, on_log=None, on_finally=None,
               **options) -> bool:
         with self._lock:
             if self._busy:
@@ -499,8 +563,8 @@ class Runner:
             target=self._work, name=f"skinlab-form-{self.runs}", daemon=True,
             args=(list(images), list(actions)),
             kwargs=dict(ledger=ledger, client=client, tags=tags, max_workers=max_workers, on_update=on_update,
-                        on_done=on_done, on_error=on_error, on_warning=on_warning, on_finally=on_finally,
-                        options=options))
+                        on_done=on_done, on_error=on_error, on_warning=on_warning, on_log=on_log,
+                        on_finally=on_finally, options=options))
         try:
             self.thread.start()
         except BaseException:
@@ -509,11 +573,13 @@ class Runner:
         return True
 
     def _work(self, images, actions, *, ledger, client, tags, max_workers, on_update, on_done, on_error,
-              on_warning, on_finally, options) -> None:
+              on_warning, on_log, on_finally, options) -> None:
         from ..batch import analyze_many
 
         sink = on_warning or (lambda text: None)
+        log_sink = on_log or (lambda level, text: sink(text))
         _router.add(sink)
+        _log_router.add(log_sink)
         try:
             self.report = analyze_many(images, actions, ledger=ledger, client=client, tags=tags,
                                        max_workers=max_workers, progress=False, on_update=on_update,
@@ -521,6 +587,7 @@ class Runner:
         except BaseException as exc:  # shown in the form by on_error; the thread must not die silently
             self.error = exc
             _router.remove(sink)
+            _log_router.remove(log_sink)
             self._busy = False
             if on_error is not None:
                 on_error(exc)
@@ -528,6 +595,7 @@ class Runner:
                 on_finally()
             return
         _router.remove(sink)
+        _log_router.remove(log_sink)
         self._busy = False
         if on_done is not None:
             on_done(self.report)

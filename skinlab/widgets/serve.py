@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
-__all__ = ["notebook_source", "serve", "write_notebook"]
+__all__ = ["VoilaMissing", "notebook_source", "serve", "write_notebook"]
+
+
+class VoilaMissing(ImportError):
+    """Voilà is not installed; the message says how to install it."""
 
 
 def notebook_source(ledger: str | os.PathLike | None, start_dir: str | os.PathLike) -> dict:
@@ -32,25 +36,39 @@ def write_notebook(folder: str | os.PathLike, ledger=None, start_dir=None) -> Pa
     return path
 
 
-def serve(ledger=None, *, port: int = 8866, open_browser: bool = True, ip: str = "127.0.0.1") -> int:
+def serve(ledger=None, *, port: int = 8866, open_browser: bool = True, ip: str = "127.0.0.1",
+          announce: Callable[[str], None] | None = None) -> int:
     """Serve the form with Voilà until interrupted; returns an exit code.
 
-    The ledger defaults to ``skinlab-study/ledger.sqlite`` under the current folder, which is also
-    where the path chooser starts.
+    Parameters
+    ----------
+    ledger : path, optional
+        Defaults to ``skinlab-study/ledger.sqlite`` under the current folder, which is also where
+        the path chooser starts.
+    port, ip : where the page is served (loopback by default).
+    open_browser : bool
+    announce : callable, optional
+        Called with one line (the page's address and the ledger) just before Voilà starts;
+        ``skinlab app`` prints it. Nothing here prints.
+
+    Raises
+    ------
+    VoilaMissing
+        Voilà is not installed.
     """
     try:
         from voila.app import Voila
-    except ImportError:
-        print("skinlab app needs Voilà: pip install 'skinlab[app]'", file=sys.stderr, flush=True)
-        return 2
+    except ImportError as exc:
+        raise VoilaMissing("skinlab app needs Voilà: pip install 'skinlab[app]'") from exc
     if ledger is None:
         from .logic import DEFAULT_LEDGER
 
         ledger = DEFAULT_LEDGER
     with tempfile.TemporaryDirectory(prefix="skinlab-app-") as tmp:
         notebook = write_notebook(tmp, ledger, os.getcwd())
-        print(f"skinlab: serving the form at http://{ip}:{port}/ (ledger {Path(ledger).absolute()}); "
-              "Ctrl-C to stop", flush=True)
+        if announce is not None:
+            announce(f"skinlab: serving the form at http://{ip}:{port}/ (ledger {Path(ledger).absolute()}); "
+                     "Ctrl-C to stop")
         argv = [str(notebook), f"--port={port}", f"--Voila.ip={ip}", "--theme=light",
                 "--VoilaConfiguration.show_tracebacks=False"]
         if not open_browser:

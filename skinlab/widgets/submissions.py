@@ -126,7 +126,9 @@ class ResultViewer(widgets.VBox):
     """The scores and masks of one submission.
 
     The score table is shown at once; the photo appears only when a mask is chosen (or the
-    profile plot is asked for), so a screen never fills with faces by accident.
+    profile plot is asked for), so a screen never fills with faces by accident. An image is kept
+    in the widget state only while it is shown: hiding it (another submission, "no mask", the
+    plot unticked), :meth:`clear_images` and :meth:`close` empty it.
     """
 
     def __init__(self, ledger=None, submission_id: int | None = None, *, feedback: Feedback | None = None) -> None:
@@ -172,9 +174,34 @@ class ResultViewer(widgets.VBox):
             finally:
                 self._quiet = False
 
+    def image_widgets(self) -> list[widgets.Image]:
+        """The viewer's image widgets (the mask over the photo, the profile plot)."""
+        return [self.mask_image, self.profile_image]
+
+    def _hide_images(self) -> None:
+        for image in self.image_widgets():
+            image.layout.display = "none"
+            image.value = b""  # hidden is not enough: the PNG would stay in the widget state
+
+    @guard
+    def clear_images(self) -> None:
+        """Hide and empty the mask and profile images (the scores stay)."""
+        with self._lock:
+            self._quiet = True
+            try:
+                self._hide_images()
+                self.mask.value = None
+                self.profile.value = False
+            finally:
+                self._quiet = False
+
+    def close(self) -> None:
+        """Empty the images, then close the viewer."""
+        self.clear_images()
+        super().close()
+
     def _show(self, submission_id: int | None) -> None:
-        self.mask_image.layout.display = "none"
-        self.profile_image.layout.display = "none"
+        self._hide_images()
         self.profile.value = False
         if submission_id is None:
             self.submission = self.result = None
@@ -204,6 +231,7 @@ class ResultViewer(widgets.VBox):
             key = change["new"]
             if key is None or self.result is None:
                 self.mask_image.layout.display = "none"
+                self.mask_image.value = b""
                 return
             self.mask_image.value = logic.mask_png(self.result, *key)
             self.mask_image.layout.display = ""
@@ -215,6 +243,7 @@ class ResultViewer(widgets.VBox):
         with self._lock:
             if not change["new"] or self.result is None:
                 self.profile_image.layout.display = "none"
+                self.profile_image.value = b""
                 return
             self.profile_image.value = logic.profile_png(self.result)
             self.profile_image.layout.display = ""

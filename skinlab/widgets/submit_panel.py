@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import logging
 import threading
 from typing import Any, Callable
 
@@ -24,7 +25,8 @@ class SubmitPanel(widgets.VBox):
     :func:`skinlab.batch.analyze_many`), so the notebook stays responsive; the submit button is
     disabled while it runs and a second click during a run starts nothing. Every submission is
     recorded in the ledger, which also stops a photo already analysed with the same actions from
-    being billed again.
+    being billed again. Warnings, and records of the ``skinlab`` loggers at WARNING or above,
+    raised during a run are shown in the form's output area too.
 
     Parameters
     ----------
@@ -175,7 +177,8 @@ class SubmitPanel(widgets.VBox):
             started = self.runner.start(
                 sources, names, ledger=self.ledger, client=self.client, tags=tags or None,
                 max_workers=self.max_workers, on_update=self._item_update, on_done=self._done,
-                on_error=self._failed, on_warning=self.feedback.warn, on_finally=self._finally, **self.options)
+                on_error=self._failed, on_warning=self.feedback.warn, on_log=self._logged, on_finally=self._finally,
+                **self.options)
         except BaseException:
             self.submit_button.disabled = False
             self.stop_button.disabled = True
@@ -193,6 +196,10 @@ class SubmitPanel(widgets.VBox):
         self.feedback.info("Stopping: no new photos start; those already sent finish and are recorded.")
 
     # ---- called from the worker thread
+
+    def _logged(self, level: int, text: str) -> None:
+        """A record of the ``skinlab`` loggers during the run (say, the balance could not be fetched)."""
+        (self.feedback.error if level >= logging.ERROR else self.feedback.warn)(text)
 
     @guard
     def _item_update(self, item) -> None:
