@@ -3,15 +3,21 @@
 :func:`analyze_many` submits many photos through a :class:`~skinlab.ledger.Ledger`, a few at a
 time (a small thread pool), sharing the client's rate limiter. One image failing is recorded and
 does not stop the others; account problems (a refused key, too few units) stop the run. A
-``max_units`` cap stops before exceeding it; ``dry_run=True`` only says what would be submitted
-and what it would cost. Ctrl-C stops starting new images; everything already sent is recorded
-and :meth:`Ledger.resume` picks up tasks still running.
+``max_units`` cap stops before exceeding it: units are reserved only for images that will create
+a task (not for those the ledger already holds), and given back when a task fails unbilled.
+``dry_run=True`` only says what would be submitted and what it would cost. An image whose upload
+slot or create call is still refused with HTTP 429 after the client's retries (nothing was
+created) is tried again after a pause, a few times, instead of failing. The backend (cloud or
+local) is stated on the progress bar, in the log at the start and in the summary. Ctrl-C stops
+starting new images; everything already sent is recorded and :meth:`Ledger.resume` picks up
+tasks still running.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import tempfile
 import threading
 import time
@@ -32,6 +38,14 @@ log = logging.getLogger("skinlab")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 #: Errors that concern the whole account or run, not one image: they stop the batch.
 FATAL = (errors.AuthenticationError, errors.InsufficientCreditsError, errors.ConfigurationError)
+#: How many times an image refused with HTTP 429 before any task existed is tried again.
+REQUEUES_AFTER_429 = 3
+#: Images listed one by one in a dry run's summary (``report.frame()`` has them all).
+LISTED_IN_DRY_RUN = 20
+
+
+class _OverBudget(Exception):
+    """Raised by the ``max_units`` reservation: creating this task would pass the cap."""
 
 
 def collect_images(images: Any) -> list[Any]:
@@ -57,16 +71,36 @@ def _label(source: Any, index: int) -> str:
 
 @dataclass
 class BatchItem:
-    """One image of a batch and what became of it."""
+    """One image of a batch and what became of it.
+
+    Attributes
+    ----------
+    outcome : str
+        ``done``, ``reused``, ``failed`` (also an ambiguous create: ``status`` is then
+        ``"ambiguous"``), ``skipped``, ``interrupted``; ``running`` while in flight (and after
+        Ctrl-C). In a dry run: ``planned`` (would be sent), ``reused``, ``held`` (the ledger holds
+        an ambiguous, running or in-progress submission of it, so nothing would be sent; the
+        decision is in ``reason``) or ``skipped``.
+    status : str or None
+        The ledger row's status.
+    units : int
+        Units billed (``done``), the estimated cost (``planned``), or the most an ambiguous create
+        may have been billed (``status == "ambiguous"``); 0 otherwise.
+    """
 
     index: int
     label: str
-    outcome: str = "pending"  # done, reused, failed, skipped, interrupted, planned; running after Ctrl-C
+    outcome: str = "pending"
     submission_id: int | None = None
     status: str | None = None
     units: int = 0
     error: str | None = None
     reason: str | None = None
+
+    @property
+    def ambiguous(self) -> bool:
+        """A create whose fate is unknown: a task may exist and be billed (never re-sent)."""
+        return self.status == "ambiguous" and self.outcome == "failed"
 
 
 @dataclass
@@ -89,34 +123,60 @@ class BatchReport:
 
     @property
     def units_spent(self) -> int:
+        """Units billed for the tasks this run completed (ambiguous creates not included)."""
         return sum(i.units for i in self.items if i.outcome == "done")
 
     @property
+    def ambiguous(self) -> list[BatchItem]:
+        """Images whose create may or may not have reached the service (see :attr:`BatchItem.ambiguous`)."""
+        return [i for i in self.items if i.ambiguous]
+
+    @property
+    def units_at_risk(self) -> int:
+        """The most the ambiguous creates may have been billed."""
+        return sum(i.units for i in self.ambiguous)
+
+    @property
     def failures(self) -> dict[str, int]:
-        """Failed images by reason (error code)."""
-        return dict(Counter(i.reason or "error" for i in self.items if i.outcome == "failed"))
+        """Failed images by reason (error code); ambiguous creates are in :attr:`ambiguous`."""
+        return dict(Counter(i.reason or "error" for i in self.items if i.outcome == "failed" and not i.ambiguous))
 
     def summary(self) -> str:
+        backend = f"the {self.backend.upper()} backend ({self.base_url})"
         if self.dry_run:
-            lines = [f"DRY RUN on the {self.backend.upper()} backend ({self.base_url}): nothing was sent.",
+            held = Counter(i.reason or "held" for i in self.items if i.outcome == "held")
+            lines = [f"DRY RUN on {backend}: nothing was sent.",
                      f"  would submit {self.count('planned')} image(s), reuse {self.count('reused')} recorded, "
-                     f"skip {self.count('skipped')} (pre-flight problems)",
+                     f"skip {self.count('skipped')} (pre-flight problems or max_units)",
                      f"  estimated cost {self.units_estimated} units"
                      + (f" against a balance of {self.balance:g}" if self.balance is not None else "")]
+            if held:
+                lines.append(f"  held back {sum(held.values())} (0 units: the ledger already has them "
+                             f"{', '.join(f'{k} {n}' for k, n in sorted(held.items()))}; nothing would be sent)")
             if self.balance is not None and self.balance < self.units_estimated:
                 lines.append("  the balance is too low for all of them")
+            planned = [i for i in self.items if i.outcome == "planned"]
+            if planned:
+                lines.append("  would send:")
+                lines += [f"    {i.label}: {i.units} units" for i in planned[:LISTED_IN_DRY_RUN]]
+                if len(planned) > LISTED_IN_DRY_RUN:
+                    lines.append(f"    ... and {len(planned) - LISTED_IN_DRY_RUN} more (report.frame() lists all)")
         else:
-            lines = [f"Batch on the {self.backend.upper()} backend ({self.base_url}) in {self.elapsed_s:.1f} s:",
+            lines = [f"Batch on {backend} in {self.elapsed_s:.1f} s:",
                      f"  done {self.count('done')}, reused {self.count('reused')} (no new task), "
                      f"failed {self.count('failed')}, skipped {self.count('skipped')}"
                      + (f", not started {self.count('interrupted')}" if self.count("interrupted") else "")
                      + (f", still in flight {self.count('running')} (the ledger records how they end)"
                         if self.count("running") else ""),
                      f"  units spent {self.units_spent}"]
+            if self.ambiguous:
+                lines.append(f"  ambiguous {len(self.ambiguous)} (may be billed up to {self.units_at_risk} units; "
+                             "never re-sent: see next_step in ledger.submissions(status='ambiguous'), then "
+                             "ledger.resolve)")
             for reason, n in sorted(self.failures.items()):
                 lines.append(f"  failed with {reason}: {n}")
         for item in self.items:
-            if item.outcome in ("failed", "skipped") and item.error:
+            if item.outcome in ("failed", "skipped", "held") and item.error:
                 lines.append(f"  - {item.label}: {item.error}")
         if self.stopped:
             lines.append(f"  stopped early: {self.stopped}")
@@ -144,7 +204,8 @@ def _sentences(*parts: str | None) -> str:
     return " ".join(out)
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, backend: str | None = None):
+    """A progress bar labelled with the backend (``skinlab local`` / ``skinlab cloud``), or None."""
     if not enabled:
         return None
     try:
@@ -152,7 +213,7 @@ def _progress(total: int, enabled: bool):
         from tqdm.auto import tqdm
     except ImportError:
         from tqdm import tqdm
-    return tqdm(total=total, desc="skinlab", unit="image")
+    return tqdm(total=total, desc=f"skinlab {backend}" if backend else "skinlab", unit="image")
 
 
 def analyze_many(images: Any, actions: str | Iterable[str] = "all", *, ledger=None, client=None, tags=None,
@@ -180,9 +241,12 @@ def analyze_many(images: Any, actions: str | Iterable[str] = "all", *, ledger=No
         Images in flight at once. The client's shared rate limiter keeps the total under the
         service's 250 requests / 300 s.
     max_units : int, optional
-        Stop before the units of the tasks created by this run would exceed this.
+        Stop before the units of the tasks created by this run would exceed this. Only images
+        that create a task count (a recorded success reused, a running task waited for or an
+        ambiguous row costs nothing); a task that fails unbilled gives its units back.
     dry_run : bool
-        Run pre-flight and the ledger look-up, fetch the balance, and report; send nothing billable.
+        Run pre-flight and the ledger look-up, fetch the balance, and report what would be sent
+        (each image and its units, within ``max_units``); send nothing billable.
     timeout : float, optional
         Seconds to wait per task (a late task stays ``timeout`` in the ledger, resumable).
     on_update : callable, optional
@@ -212,7 +276,7 @@ def analyze_many(images: Any, actions: str | Iterable[str] = "all", *, ledger=No
                          ledger_path=str(ledger.path))
     try:
         if dry_run:
-            _dry_run(report, sources, names, ledger, client, tags, force, options)
+            _dry_run(report, sources, names, ledger, client, tags, force, options, max_units=max_units)
             return report
         with warnings.catch_warnings():
             # Each reuse is counted in the summary; one warning per image would bury it.
@@ -225,16 +289,29 @@ def analyze_many(images: Any, actions: str | Iterable[str] = "all", *, ledger=No
             client.close()
 
 
-def _dry_run(report: BatchReport, sources, names, ledger, client, tags, force, options) -> None:
+#: A dry run's names for the ledger decisions that send nothing (``Lookup.decision``).
+_HELD = {"attach": "running", "ambiguous": "ambiguous", "busy": "busy"}
+
+
+def _dry_run(report: BatchReport, sources, names, ledger, client, tags, force, options, *,
+             max_units: int | None = None) -> None:
+    """What :func:`_run` would do, decided by the same ledger look-up, at the same cost."""
     total = 0
     for item, src in zip(report.items, sources):
         try:
-            decision = ledger.lookup(client, src, names, **options)
+            decision = ledger.lookup(client, src, names, force=force, **options)
         except errors.SkinlabError as exc:
             item.outcome, item.error, item.reason = "skipped", str(exc), exc.code or type(exc).__name__
             continue
-        if decision.reusable and not force:
-            item.outcome, item.submission_id = "reused", decision.submission_id
+        item.submission_id = decision.submission_id
+        if decision.decision == "reuse":
+            item.outcome = "reused"
+        elif decision.decision in _HELD:
+            item.outcome, item.reason, item.error = "held", _HELD[decision.decision], decision.note
+        elif max_units is not None and total + decision.units > max_units:
+            item.outcome, item.reason = "skipped", "max_units"
+            item.error = (f"would not be submitted: its {decision.units} units would take the run past "
+                          f"max_units={max_units}")
         else:
             item.outcome, item.units = "planned", decision.units
             total += decision.units
@@ -248,10 +325,12 @@ def _dry_run(report: BatchReport, sources, names, ledger, client, tags, force, o
 def _run(report: BatchReport, sources, names, ledger, client, tags, force, options, *, max_workers, max_units,
          timeout, progress, on_update, stop) -> None:
     t0 = time.monotonic()
-    bar = _progress(len(sources), progress)
+    log.info("skinlab batch: %d image(s) on the %s backend (%s), %d at a time%s", len(sources),
+             client.backend.upper(), client.base_url, max(1, max_workers),
+             f", max_units={max_units}" if max_units is not None else "")
+    bar = _progress(len(sources), progress, client.backend)
     budget_lock = threading.Lock()
-    committed = [0]
-    units_each = client.estimate(names)
+    committed = [0]  # units reserved by images creating a task (kept when billed or maybe billed)
 
     def notify(item: BatchItem) -> None:
         if on_update is not None:
@@ -266,40 +345,87 @@ def _run(report: BatchReport, sources, names, ledger, client, tags, force, optio
         finally:
             notify(item)  # in the worker, so a stop set by the callback is seen before the next image
 
+    def row_of(exc: BaseException):
+        """The ledger row an error of ``ledger.submit`` was recorded in, or None."""
+        sid = getattr(exc, "submission_id", None)
+        if sid is None:
+            return None
+        try:
+            return ledger.get(sid)
+        except errors.SkinlabError:  # pragma: no cover - the row was just written
+            return None
+
     def attempt(item: BatchItem, src: Any) -> BatchItem:
         if stop.is_set():
             item.outcome = "interrupted"
             return item
-        with budget_lock:
-            if max_units is not None and committed[0] + units_each > max_units:
-                item.outcome, item.reason = "skipped", "max_units"
-                item.error = f"not submitted: it would take the run past max_units={max_units}"
-                return item
-            committed[0] += units_each
+        held = [0]  # units this image reserved (only when the ledger decides to create a task)
+
+        def reserve(units: int) -> None:  # called by the ledger inside the transaction that claims the task
+            with budget_lock:
+                if max_units is not None and committed[0] + units > max_units:
+                    raise _OverBudget(units)
+                committed[0] += units
+                held[0] += units
+
+        def release() -> None:  # nothing was billed: give the units back
+            with budget_lock:
+                committed[0] -= held[0]
+                held[0] = 0
+
         item.outcome = "running"
         notify(item)
-        try:
-            sub = ledger.submit(client, src, names, tags=tags, force=force, wait=True, timeout=timeout, **options)
-        except FATAL:
-            with budget_lock:
-                committed[0] -= units_each
-            raise
-        except errors.SkinlabError as exc:
-            with budget_lock:
-                committed[0] -= units_each
-            item.outcome, item.error, item.reason = "failed", str(exc), exc.code or type(exc).__name__
-            return item
+        requeued = 0
+        while True:
+            try:
+                sub = ledger.submit(client, src, names, tags=tags, force=force, wait=True, timeout=timeout,
+                                    reserve=reserve, **options)
+                break
+            except _OverBudget as over:
+                item.outcome, item.reason = "skipped", "max_units"
+                item.error = (f"not submitted: its {over.args[0]} units would take the run past "
+                              f"max_units={max_units}")
+                return item
+            except errors.SkinlabError as exc:
+                row = row_of(exc)
+                if row is not None:
+                    item.submission_id, item.status = row.id, row.status
+                if row is None or row.units_charged == 0:
+                    release()
+                if isinstance(exc, FATAL):
+                    raise
+                nothing_created = row is None or (row.status == "error" and row.task_id is None)
+                if isinstance(exc, errors.RateLimitError) and nothing_created and requeued < REQUEUES_AFTER_429:
+                    # Refused before any task existed (upload slot or create answered 429 past the
+                    # client's retries): wait for the window to move on, then try the image again.
+                    policy = client.retry
+                    pause = min(policy.cap, policy.base * policy.factor ** (policy.max_retries_429 + requeued))
+                    pause *= 0.5 + random.random() / 2
+                    requeued += 1
+                    log.info("%s: still rate-limited (HTTP 429) with no task created; trying again in %.1f s "
+                             "(%d of %d)", item.label, pause, requeued, REQUEUES_AFTER_429)
+                    if stop.wait(pause):
+                        item.outcome = "interrupted"
+                        return item
+                    continue
+                item.outcome, item.error, item.reason = "failed", str(exc), exc.code or type(exc).__name__
+                if requeued:
+                    item.error = _sentences(item.error, f"Tried {requeued + 1} times; nothing was billed, run the "
+                                                        "batch again later")
+                return item
         item.submission_id, item.status = sub.id, sub.status
-        if sub.reused:
-            with budget_lock:
-                committed[0] -= units_each
+        if sub.reused or sub.units_charged == 0:
+            release()  # this call created no task, or its task failed unbilled
         if sub.status == "success":
             item.outcome = "reused" if sub.reused else "done"
             item.units = 0 if sub.reused else (sub.units_charged or 0)
         else:
             item.outcome = "failed"
             item.reason = sub.error_code or sub.status
-            item.error = _sentences(sub.error_message, sub.next_step) or sub.status
+            if sub.status == "ambiguous":
+                item.units = sub.units_estimated or 0  # the most it may have been billed
+            item.error = (sub.note if sub.reused and sub.note else
+                          _sentences(sub.error_message, sub.next_step) or sub.status)
         return item
 
     pool = ThreadPoolExecutor(max_workers=max(1, max_workers), thread_name_prefix="skinlab-batch")

@@ -43,8 +43,10 @@ Guarantees
   or timed out, records their outcomes, downloads results again (polling gives fresh URLs when
   the 2 h ones have expired) and lists what needs a decision.
 * **Concurrent use.** Several notebooks and batch processes may use one ledger at once (WAL
-  mode, a busy timeout, short ``BEGIN IMMEDIATE`` transactions). A row being uploaded by a
-  live process is not touched by others; a row left by a dead process is marked
+  mode, a busy timeout, short ``BEGIN IMMEDIATE`` transactions), and may create a new one at
+  the same moment (switching to WAL and creating the schema are retried while another process
+  holds the lock; :class:`LedgerLockedError` when it is held past ``timeout``). A row being
+  uploaded by a live process is not touched by others; a row left by a dead process is marked
   ``interrupted`` (nothing was billed) and submitted afresh. A warning is given when the file
   is on a network file system or in a cloud-synced folder, where SQLite locking is unreliable.
 * **The API key is never stored**, nor sent anywhere but the service.
@@ -141,9 +143,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import html
 import json
 import logging
 import os
+import random
 import re
 import secrets
 import socket
@@ -153,7 +157,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from . import errors
@@ -164,7 +168,8 @@ from .errors import (
 from .tags import FIXED_TAGS, TagError, split_tags, tags_for
 
 __all__ = [
-    "Ledger", "Submission", "Lookup", "LedgerError", "MixedBackendsError", "LedgerReuseWarning", "LedgerLocationWarning",
+    "Ledger", "Submission", "Lookup", "LedgerError", "LedgerLockedError", "MixedBackendsError", "LedgerReuseWarning",
+    "LedgerLocationWarning",
     "SUBMISSION_COLUMNS", "SCORE_COLUMNS", "WIDE_INDEX", "DEIDENTIFIED_DROP", "STATUSES", "SCHEMA_VERSION",
     "location_warning", "load_result", "deidentify",
 ]
@@ -199,6 +204,7 @@ TASK_TTL_S = 24 * 3600
 _REGION_ORDER = ["whole", "forehead", "glabellar", "crowfeet", "periocular", "nasolabial", "marionette",
                  "nose", "cheek", "t_zone", "u_zone"]
 
+#: The schema version this skinlab writes: the newest step of ``_MIGRATIONS`` (pinned by a test).
 SCHEMA_VERSION = 1
 
 
@@ -284,6 +290,18 @@ _MIGRATIONS: list[tuple[int, str, list[Any]]] = [
 
 class LedgerError(SkinlabError):
     """The ledger cannot do what was asked (unknown id, newer schema, bad filter ...)."""
+
+
+class LedgerLockedError(LedgerError):
+    """Another process held the ledger's write lock for longer than the ledger's ``timeout``."""
+
+
+def _is_lock_error(exc: BaseException) -> bool:
+    """SQLite refused or timed out waiting for a lock held by another connection."""
+    if isinstance(exc, LedgerLockedError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
 
 
 #: Raised when a table would pool local-engine and cloud scores (shared with :mod:`skinlab.plots`).
@@ -406,8 +424,26 @@ def _mount_type(path: Path, mounts_file: str) -> tuple[str, str] | None:
 
 
 def location_warning(path: str | os.PathLike, *, mounts_file: str = "/proc/mounts") -> str | None:
-    """Why ``path`` is a risky place for a ledger (network or cloud-synced), or None."""
-    p = Path(path).expanduser().absolute()
+    """Why ``path`` is a risky place for a ledger (network or cloud-synced), or None.
+
+    Both the path as given and the path with its symbolic links resolved are checked, so a
+    link from a local folder into a Dropbox folder or an NFS mount is caught too.
+    """
+    given = Path(path).expanduser().absolute()
+    try:
+        resolved = given.resolve()
+    except (OSError, RuntimeError):  # a link loop or an unreadable component: check the given path only
+        resolved = given
+    for p in dict.fromkeys((given, resolved)):
+        why = _location_problem(p, mounts_file)
+        if why:
+            if p != given:
+                why = why.replace(f"The ledger {p} ", f"The ledger {given} (a link to {p}) ", 1)
+            return why
+    return None
+
+
+def _location_problem(p: Path, mounts_file: str) -> str | None:
     text = str(p).replace("\\", "/").lower()
     for frag in CLOUD_SYNC_FRAGMENTS:
         if frag in text:
@@ -538,6 +574,9 @@ class Submission:
         was waited for, or an ambiguous/in-progress row stopped it.
     note : str
         What this call did, in words.
+
+    In a notebook it displays as HTML: the row (status, backend, engine, tags, units, next step)
+    and, for a success, the saved score table; never an image or the file's name or path.
     """
 
     id: int
@@ -591,6 +630,46 @@ class Submission:
         err = f", {self.error_code}" if self.error_code else ""
         return (f"<Submission {self.id} {self.status}{err}{extra}: {self.image_name or self.image_sha256 or '?'}, "
                 f"{len(self.actions)} actions, {self.backend}>")
+
+    def _repr_html_(self) -> str | None:
+        """The notebook display: the row's status, backend, engine, tags, units and next step
+        (:func:`skinlab.display.ledger_html`), then the saved result's score table
+        (:func:`skinlab.display.result_html`). Never an image, nor the file name or path."""
+        from .display import repr_html
+
+        return repr_html(self, Submission._html)
+
+    def _html(self) -> str:
+        import pandas as pd
+
+        from .display import ledger_html, result_html
+
+        row = self.row
+        counted = {"status": self.status, "backend": self.backend, "engine": self.engine or "not reported",
+                   "units_estimated": self.units_estimated, "units_charged": self.units_charged}
+        listed = {"submission_id": self.id, "created_at": row.get("created_at"), "status": self.status,
+                  "backend": self.backend, "engine": counted["engine"], "tier": row.get("tier"),
+                  "actions": ",".join(self.actions), "units_charged": self.units_charged,
+                  "error_code": self.error_code, "next_step": self.next_step}
+        listed.update({k: self.tags[k] for k in FIXED_TAGS if self.tags.get(k) is not None})
+        listed.update({f"tag_{k}": v for k, v in sorted(self.tags.items()) if k not in FIXED_TAGS})
+        listed = {k: v for k, v in listed.items() if v is not None}
+        title = f"skinlab Submission {self.id}: {self.status}" + (" (reused, nothing billed)" if self.reused else "")
+        # the facts come from the few counted columns, the one listed row holds the rest (no file names)
+        page = ledger_html(_typed(pd.DataFrame([counted])), recent=_typed(pd.DataFrame([listed])), title=title)
+        if self.note:
+            page += f"<p style='color:#555;margin:0.3em 0'>{html.escape(self.note)}</p>"
+        if self.status != "success":
+            return page
+        try:
+            result = self.result
+        except LedgerError as exc:
+            result, missing = None, str(exc)
+        else:
+            missing = "Recorded without a results folder; its scores are in ledger.scores(ids=[...])."
+        if result is None:
+            return page + f"<p style='color:#555;margin:0.3em 0'>{html.escape(missing)}</p>"
+        return page + result_html(result)
 
 
 @dataclass(frozen=True)
@@ -651,15 +730,19 @@ class Ledger:
         self._conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None,
                                      check_same_thread=False)
         self._conn.row_factory = sqlite3.Row
-        self._conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-        mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":  # pragma: no cover - file systems without shared memory
-            warnings.warn(f"SQLite could not use WAL mode here (got {mode}); concurrent readers may wait.",
-                          LedgerLocationWarning, stacklevel=2)
-        self._conn.execute("PRAGMA synchronous = FULL")
-        self._conn.execute("PRAGMA foreign_keys = ON")
         try:
-            self._migrate()
+            self._conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            # Several processes may open a brand-new file at once: switching it to WAL and creating
+            # the schema need the write lock, which SQLite may refuse at once ("database is
+            # locked") rather than wait for. Both are retried with backoff until ``timeout``.
+            deadline = time.monotonic() + max(float(timeout), 1.0)
+            mode = self._when_unlocked(self._use_wal, deadline, "switch it to WAL mode")
+            if str(mode).lower() != "wal":  # pragma: no cover - file systems without shared memory
+                warnings.warn(f"SQLite could not use WAL mode here (got {mode}); concurrent readers may wait.",
+                              LedgerLocationWarning, stacklevel=2)
+            self._conn.execute("PRAGMA synchronous = FULL")
+            self._conn.execute("PRAGMA foreign_keys = ON")
+            self._when_unlocked(self._migrate, deadline, "create or migrate its schema")
         except BaseException:
             self._conn.close()
             raise
@@ -687,39 +770,88 @@ class Ledger:
                     cur.execute("BEGIN IMMEDIATE")
                     break
                 except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) and "busy" not in str(exc) or attempt == 4:
-                        raise LedgerError(f"The ledger {self.path} is locked by another process ({exc}).") from None
+                    if not _is_lock_error(exc) or attempt == 4:
+                        cur.close()
+                        if not _is_lock_error(exc):
+                            raise LedgerError(f"The ledger {self.path} cannot be written ({exc}). Check the disk "
+                                              "(space, permissions) and try again.") from None
+                        raise LedgerLockedError(
+                            f"The ledger {self.path} is locked by another process ({exc}). Try again; if it "
+                            "persists, close other notebooks or batch runs using it, or open it with a longer "
+                            "timeout (skinlab.Ledger(path, timeout=120)).") from None
                     time.sleep(0.05 * (attempt + 1))
             try:
                 yield cur
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-            else:
                 cur.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:  # also after a failed COMMIT, so the next BEGIN works
+                    with contextlib.suppress(sqlite3.Error):
+                        cur.execute("ROLLBACK")
+                raise
             finally:
                 cur.close()
+
+    def _use_wal(self) -> str:
+        """Switch the file to WAL mode (a no-op, with no lock taken, when it already is)."""
+        mode = self._conn.execute("PRAGMA journal_mode").fetchone()[0]
+        if str(mode).lower() == "wal":
+            return mode
+        return self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+
+    def _when_unlocked(self, step: Callable[[], Any], deadline: float, what: str) -> Any:
+        """Run ``step``, again with backoff while another process holds the lock, until ``deadline``."""
+        delay = 0.01
+        while True:
+            try:
+                return step()
+            except (sqlite3.OperationalError, LedgerLockedError) as exc:
+                if not _is_lock_error(exc):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise LedgerLockedError(
+                        f"Cannot open the ledger {self.path}: another process kept it locked while trying to {what} "
+                        f"({exc}). Close other notebooks or batch runs using it, or open it with a longer "
+                        "timeout (skinlab.Ledger(path, timeout=120)); if no process uses it, a crashed one may have "
+                        "left a stale lock on a network file system: copy the study to a local disk.") from None
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.5)
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self._conn.execute(sql, tuple(params)).fetchall()
 
     def _migrate(self) -> None:
+        """Bring the file to the newest schema version of :data:`_MIGRATIONS`, in one transaction.
+
+        Each step whose version is above the file's runs in order and is recorded in
+        ``schema_migrations`` and ``PRAGMA user_version``; if any step fails, nothing is changed.
+        """
+        latest = max(version for version, _, _ in _MIGRATIONS)
         with self._tx() as cur:
             cur.execute("""CREATE TABLE IF NOT EXISTS schema_migrations (
                 version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at REAL NOT NULL,
                 skinlab_version TEXT)""")
             current = cur.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0]
-            if current > SCHEMA_VERSION:
+            if current > latest:
                 raise LedgerError(f"The ledger {self.path} has schema version {current}, newer than this skinlab "
-                                  f"understands ({SCHEMA_VERSION}). Upgrade skinlab; the file was not changed.")
+                                  f"understands ({latest}). Upgrade skinlab; the file was not changed.")
             from . import __version__
 
-            for version, description, statements in _MIGRATIONS:
+            for version, description, statements in sorted(_MIGRATIONS, key=lambda m: m[0]):
                 if version <= current:
                     continue
-                for step in statements:
-                    step(cur) if callable(step) else cur.execute(step)
+                try:
+                    for step in statements:
+                        step(cur) if callable(step) else cur.execute(step)
+                except sqlite3.Error as exc:
+                    if _is_lock_error(exc):
+                        raise  # another process holds the lock: the caller retries
+                    kept = (f" (still version {current}; the skinlab version that wrote it still opens it)"
+                            if current else "")
+                    raise LedgerError(
+                        f"Upgrading the ledger {self.path} to schema version {version} ({description}) failed: "
+                        f"{exc}. The file was not changed{kept}. Report this, with the error, to the skinlab "
+                        "maintainers.") from None
                 cur.execute("INSERT INTO schema_migrations VALUES (?, ?, ?, ?)",
                             (version, description, _now(), __version__))
                 cur.execute(f"PRAGMA user_version = {int(version)}")
@@ -905,7 +1037,8 @@ class Ledger:
     # ---- submitting
 
     def submit(self, client, source, actions, *, tags=None, force: bool = False, wait: bool = True,
-               timeout: float | None = 300.0, raise_on_error: bool = False, **options) -> Submission:
+               timeout: float | None = 300.0, raise_on_error: bool = False,
+               reserve: Callable[[int], Any] | None = None, **options) -> Submission:
         """Submit one image through the ledger and return its :class:`Submission`.
 
         Steps: plan and pre-flight (no network) → look up the same submission → record
@@ -934,7 +1067,14 @@ class Ledger:
         raise_on_error : bool
             Raise the :class:`~skinlab.errors.TaskError` when the task fails (it is recorded
             either way). Errors before a task exists (upload, authentication, units) and
-            account problems are always raised, after being recorded.
+            account problems are always raised, after being recorded; an error raised after the
+            row was recorded carries its id as ``exc.submission_id``.
+        reserve : callable, optional
+            Called with the task's units only when a new task is to be created, inside the write
+            transaction that decides so and before anything is recorded or sent (so a recorded
+            success, a running task or an ambiguous row never reaches it). Raise from it to stop:
+            the exception propagates and nothing is recorded. :func:`skinlab.analyze_many` uses
+            it for ``max_units``.
 
         Returns
         -------
@@ -949,9 +1089,15 @@ class Ledger:
         base_url, backend_key, dedup = self._identity(client, plan)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            decision, row = self._claim(client, plan, meta, fixed, free, base_url, backend_key, dedup, force)
+            decision, row = self._claim(client, plan, meta, fixed, free, base_url, backend_key, dedup, force,
+                                        reserve)
             if decision == "new":
-                return self._run_new(client, plan, row["id"], deadline, raise_on_error, wait)
+                try:
+                    return self._run_new(client, plan, row["id"], deadline, raise_on_error, wait)
+                except Exception as exc:
+                    with contextlib.suppress(Exception):
+                        exc.submission_id = row["id"]  # type: ignore[attr-defined]
+                    raise
             note = self._explain(decision, row)
             if decision == "reuse":
                 warnings.warn(note, LedgerReuseWarning, stacklevel=2)
@@ -1032,15 +1178,18 @@ class Ledger:
                       status=row["status"] if row else None, units=plan.units, source_key=plan.source_key,
                       note=self._explain(decision, row) if row else "A new task would be created.")
 
-    def _claim(self, client, plan, meta, fixed, free, base_url, backend_key, dedup, force):
+    def _claim(self, client, plan, meta, fixed, free, base_url, backend_key, dedup, force, reserve=None):
         """Look up the submission and, if a new task is needed, insert its ``queued`` row — in one
-        write transaction, so two processes cannot both decide to create."""
+        write transaction, so two processes cannot both decide to create. ``reserve(units)`` is
+        called just before the insert; if it raises, the transaction is rolled back."""
         now = _now()
         with self._tx() as cur:
             rows = [dict(r) for r in cur.execute(self._MATCH_SQL, (dedup, *_BLOCKING)).fetchall()]
             decision, row = self._decide(rows, client.engine, backend_key, force)
             if decision != "new":
                 return decision, row
+            if reserve is not None:
+                reserve(plan.units)
             for r in rows:  # rows left by dead processes before any task existed
                 if r["status"] in ("queued", "uploading") and not self._live(r):
                     self._set(cur, r["id"], guard_status=("queued", "uploading"), status="error",

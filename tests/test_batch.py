@@ -67,13 +67,33 @@ def test_batch_records_all_and_rerun_creates_no_task(cohort, tmp_path):
         assert len(server.app.task_ids()) - created == 1
 
 
+def _counting_429s():
+    """A requests session that counts the HTTP 429 answers it receives (the emulator keeps no such count)."""
+    import requests
+
+    session = requests.Session()
+    seen = []
+    session.hooks["response"].append(lambda resp, *a, **kw: seen.append(resp.url) if resp.status_code == 429 else None)
+    return session, seen
+
+
 def test_low_rate_limit_no_429_reaches_user(cohort, tmp_path):
+    """The client's limiter, set below the service's limit, keeps every request within it: the
+    service never answers 429 (so no retry is even needed), and the batch completes."""
+    from skinlab.client import RateLimiter
+
+    session, seen_429 = _counting_429s()
     with skinlab.local.serve(task_duration_s=0, rate_limit=12, rate_window_s=1.0) as server:
-        client = Client("rl-key", base_url=server.url, poll_schedule=FAST,
-                        retry=RetryPolicy(base=0.2, cap=1.0, max_retries_429=8))
-        report = analyze_many(sorted(cohort.glob("astronaut_*.jpg")), "redness", ledger=tmp_path / "l.sqlite",
-                              client=client, progress=False, max_workers=3)
+        limiter = RateLimiter(limit=9, window=1.0)  # the service allows 12 per second
+        with Client("rl-key", base_url=server.url, poll_schedule=FAST, session=session, rate_limiter=limiter,
+                    retry=RetryPolicy(base=0.2, cap=1.0, max_retries_429=8)) as client:
+            assert client.rate_limiter is limiter
+            t0 = time.monotonic()
+            report = analyze_many(sorted(cohort.glob("astronaut_*.jpg")), "redness", ledger=tmp_path / "l.sqlite",
+                                  client=client, progress=False, max_workers=3)
         assert report.count("done") == 3, report.summary()
+        assert seen_429 == [], f"the service answered 429 {len(seen_429)} times: the limiter let too much through"
+        assert limiter._times and time.monotonic() - t0 < 60  # the limiter was used, and the run did not stall
 
 
 def test_injected_429_bursts_and_5xx(cohort, tmp_path):
@@ -82,6 +102,126 @@ def test_injected_429_bursts_and_5xx(cohort, tmp_path):
         report = analyze_many(sorted(cohort.glob("hopper_*.jpg")), "redness", ledger=tmp_path / "l.sqlite",
                               client=client, progress=False, max_workers=2)
         assert report.count("done") == 3, report.summary()
+        assert server.faults.pending() == 0  # every injected 429 and 503 was really served
+
+
+def test_429_on_the_upload_slot_past_the_retries_requeues_the_image(cohort, tmp_path):
+    """A 429 burst on the upload-slot route longer than the client's retry budget (6 attempts):
+    no task exists yet, so the image is tried again after a pause instead of failing."""
+    photos = sorted(cohort.glob("hopper_*.jpg"))[:2]
+    with skinlab.local.serve(task_duration_s=0) as server, _client(server) as client:
+        assert client.retry.max_retries_429 + 1 < 8
+        server.faults.rate_limit(8, route="upload")
+        ledger = Ledger(tmp_path / "l.sqlite")
+        report = analyze_many(photos, "redness", ledger=ledger, client=client, progress=False, max_workers=1)
+        assert report.count("done") == 2 and report.count("failed") == 0, report.summary()
+        assert server.faults.pending() == 0 and len(server.app.task_ids()) == 2
+        refused = ledger.submissions(status="error")
+        assert len(refused) == 1 and refused.iloc[0].units_charged == 0 and refused.iloc[0].task_id is None
+        assert "No task was created" in refused.iloc[0].error_message
+        # bounded: a 429 that never ends fails the image after a few tries, nothing billed
+        server.faults.rate_limit(1000, route="upload")
+        report = analyze_many(sorted(cohort.glob("hopper_*.jpg"))[2:], "redness", ledger=ledger, client=client,
+                              progress=False)
+        server.faults.clear()
+        assert report.count("failed") == 1 and report.failures == {"RateLimitError": 1}, report.summary()
+        assert "Tried 4 times; nothing was billed" in report.items[0].error
+        assert len(server.app.task_ids()) == 2
+
+
+def test_5xx_on_create_makes_that_image_ambiguous_and_the_rest_complete(cohort, tmp_path):
+    photos = sorted(cohort.glob("hopper_*.jpg"))
+    with skinlab.local.serve(task_duration_s=0) as server, _client(server) as client:
+        server.faults.fail("create", n=1, status=500)
+        ledger = Ledger(tmp_path / "l.sqlite")
+        report = analyze_many(photos, "redness", ledger=ledger, client=client, progress=False, max_workers=1)
+        assert server.faults.pending() == 0
+        assert report.count("done") == 2 and len(server.app.task_ids()) == 2, report.summary()
+        (item,) = report.ambiguous
+        assert item.label == "hopper_t0.jpg" and item.status == "ambiguous" and item.units == 9
+        assert ledger.get(item.submission_id).status == "ambiguous"
+        assert report.units_spent == 18 and report.units_at_risk == 9
+        summary = report.summary()
+        assert ("  ambiguous 1 (may be billed up to 9 units; never re-sent: see next_step in "
+                "ledger.submissions(status='ambiguous'), then ledger.resolve)") in summary, summary
+        assert "failed with" not in summary and report.failures == {}
+        assert "hopper_t0.jpg: " in summary and "ledger.resolve(" in item.error  # its next step
+        again = analyze_many(photos, "redness", ledger=ledger, client=client, progress=False, max_workers=2)
+        assert again.count("reused") == 2 and len(again.ambiguous) == 1  # never re-sent
+        assert len(server.app.task_ids()) == 2
+
+
+def test_max_units_counts_only_images_that_create_a_task(cohort, tmp_path):
+    photos = sorted(cohort.glob("*_t*.jpg"))[:4]
+    with skinlab.local.serve(task_duration_s=0) as server, _client(server) as client:
+        ledger = Ledger(tmp_path / "l.sqlite")
+        assert analyze_many(photos, "redness", ledger=ledger, client=client, progress=False).count("done") == 4
+        # all four are recorded: re-running them under a cap of one task reuses all four
+        again = analyze_many(photos, "redness", ledger=ledger, client=client, progress=False, max_workers=4,
+                             max_units=9)
+        assert again.count("reused") == 4 and again.count("skipped") == 0, again.summary()
+        assert len(server.app.task_ids()) == 4
+        # a task that fails unbilled gives its units back: the next image still fits under the cap
+        mixed = [cohort / "zz_uncropped.jpg", sorted(cohort.glob("hopper_*.jpg"))[-1]]
+        report = analyze_many(mixed, "redness", ledger=ledger, client=client, progress=False, max_workers=1,
+                              max_units=9)
+        assert [i.outcome for i in report.items] == ["failed", "done"], report.summary()
+        assert report.units_spent == 9
+
+
+def test_dry_run_holds_back_ambiguous_and_running_at_no_cost_and_applies_max_units(cohort, tmp_path):
+    import warnings
+
+    photos = sorted(cohort.glob("*.jpg"))  # astronaut t0-t2, hopper t0-t2, zz_uncropped
+    with skinlab.local.serve(task_duration_s=0) as server, _client(server) as client:
+        ledger = Ledger(tmp_path / "l.sqlite")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert ledger.submit(client, photos[0], ["redness"]).status == "success"
+            server.faults.lose_create_response(1)
+            assert ledger.submit(client, photos[1], ["redness"]).status == "ambiguous"
+            assert ledger.submit(client, photos[2], ["redness"], wait=False).status == "running"
+        tasks = len(server.app.task_ids())
+        plan = analyze_many(photos, "redness", ledger=ledger, client=client, dry_run=True, max_units=27,
+                            progress=False)
+        assert len(server.app.task_ids()) == tasks  # nothing was sent
+        assert [i.outcome for i in plan.items] == ["reused", "held", "held", "planned", "planned", "planned",
+                                                   "skipped"]
+        assert [i.reason for i in plan.items[1:3]] == ["ambiguous", "running"]
+        assert [i.units for i in plan.items] == [0, 0, 0, 9, 9, 9, 0]
+        assert plan.units_estimated == 27 and plan.items[6].reason == "max_units"
+        summary = plan.summary()
+        assert "would submit 3 image(s), reuse 1 recorded, skip 1" in summary, summary
+        assert "held back 2 (0 units: the ledger already has them ambiguous 1, running 1" in summary
+        assert "estimated cost 27 units" in summary
+        listed = summary.split("would send:\n")[1].splitlines()[:4]
+        assert listed[:3] == ["    hopper_t0.jpg: 9 units", "    hopper_t1.jpg: 9 units", "    hopper_t2.jpg: 9 units"]
+        assert "zz_uncropped.jpg: 9 units" not in summary and "max_units=27" in summary
+        # the real run does what the dry run said
+        report = analyze_many(photos, "redness", ledger=ledger, client=client, max_units=27, progress=False,
+                              max_workers=1)
+        assert [i.outcome for i in report.items] == ["reused", "failed", "reused", "done", "done", "done",
+                                                     "skipped"], report.summary()
+        assert report.units_spent == plan.units_estimated and len(report.ambiguous) == 1
+        assert len(server.app.task_ids()) == tasks + 3
+
+
+def test_backend_is_stated_on_the_progress_bar_and_at_the_start(cohort, tmp_path, capsys, caplog):
+    import logging
+
+    from skinlab import batch
+
+    bar = batch._progress(2, enabled=True, backend="cloud")
+    try:
+        assert bar.desc == "skinlab cloud"
+    finally:
+        bar.close()
+    with skinlab.local.serve(task_duration_s=0) as server, _client(server) as client:
+        with caplog.at_level(logging.INFO, logger="skinlab"):
+            analyze_many(sorted(cohort.glob("hopper_*.jpg"))[:1], "redness", ledger=tmp_path / "l.sqlite",
+                         client=client, progress=True)
+    assert "skinlab local" in capsys.readouterr().err  # the bar's label
+    assert any("1 image(s) on the LOCAL backend" in r.getMessage() for r in caplog.records)
 
 
 def test_dry_run_sends_nothing_billable(cohort, tmp_path):

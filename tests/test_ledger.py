@@ -609,3 +609,128 @@ def test_submit_many_records_each_and_skips_bad_files(ledger, server, photos, tm
     assert any("skipped missing.jpg" in t for t in texts)
     assert any("reused and nothing was billed" in t for t in texts)
     assert len(tasks_of(server, "k-many")) == 2
+
+
+def test_a_ledger_locked_for_longer_than_the_timeout_says_what_to_do(tmp_path):
+    import time
+
+    from skinlab.ledger import LedgerLockedError
+
+    db = tmp_path / "ledger.sqlite"
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process in the middle of a long write
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(LedgerLockedError, match="another process kept it locked") as caught:
+            Ledger(db, timeout=0.2)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert isinstance(caught.value, LedgerError)
+    assert "Close other notebooks or batch runs" in str(caught.value) and "timeout=" in str(caught.value)
+    assert time.monotonic() - t0 < 10  # retried with backoff until the timeout (at least 1 s), not forever
+    led = Ledger(db)  # once the lock is gone the same file opens normally
+    assert led.schema_version == skinlab.ledger.SCHEMA_VERSION and len(led) == 0
+    led.close()
+
+
+def test_location_warning_follows_symbolic_links(tmp_path):
+    """A link from a local folder into a cloud-synced folder or onto a network mount is caught."""
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/sda1 / ext4 rw 0 0\nserver:/export /mnt/lab nfs4 rw 0 0\n")
+    synced = tmp_path / "Dropbox" / "study"
+    synced.mkdir(parents=True)
+    (tmp_path / "study").symlink_to(synced, target_is_directory=True)
+    why = location_warning(tmp_path / "study" / "ledger.sqlite", mounts_file=str(mounts))
+    assert why and "cloud-synced" in why and "a link to" in why and "Dropbox" in why
+    (tmp_path / "lab").symlink_to("/mnt/lab/project", target_is_directory=True)  # dangling here: resolved anyway
+    why = location_warning(tmp_path / "lab" / "ledger.sqlite", mounts_file=str(mounts))
+    assert why and "nfs4" in why and "/mnt/lab" in why
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (tmp_path / "plain-link").symlink_to(plain, target_is_directory=True)
+    assert location_warning(tmp_path / "plain-link" / "ledger.sqlite", mounts_file=str(mounts)) is None
+    with pytest.warns(LedgerLocationWarning, match="a link to .*Dropbox"):
+        Ledger(tmp_path / "study" / "ledger.sqlite").close()
+
+
+def test_a_new_schema_version_migrates_a_v1_file_and_keeps_its_rows(tmp_path, monkeypatch):
+    """A v2 step (a new column) applied to a v1 file holding rows: the rows and scores are kept,
+    version 2 is recorded in schema_migrations and user_version, and reopening applies nothing."""
+    from skinlab import ledger as ledger_mod
+
+    assert ledger_mod.SCHEMA_VERSION == max(v for v, _, _ in ledger_mod._MIGRATIONS)
+    db = tmp_path / "study" / "ledger.sqlite"
+    led = Ledger(db)
+    first = led.record(_fake_result("local", "e", value=40), image_name="a.jpg", tags={"subject": "S1"})
+    led.record(_fake_result("local", "e", value=60), image_name="b.jpg", tags={"subject": "S2", "arm": "B"})
+    before_subs = led.submissions().drop(columns=["next_step"])
+    before_scores = led.scores()
+    assert led.schema_version == 1
+    led.close()
+
+    applied = []
+
+    def backfill(cur):
+        applied.append(True)
+        cur.execute("UPDATE submissions SET reviewer = 'nobody yet'")
+
+    v2 = (2, "test: a reviewer column", ["ALTER TABLE submissions ADD COLUMN reviewer TEXT", backfill])
+    monkeypatch.setattr(ledger_mod, "_MIGRATIONS", ledger_mod._MIGRATIONS + [v2])
+    monkeypatch.setattr(ledger_mod, "SCHEMA_VERSION", 2)
+    led = Ledger(db)
+    assert applied == [True] and led.schema_version == 2
+    pd.testing.assert_frame_equal(led.submissions().drop(columns=["next_step"]), before_subs)
+    pd.testing.assert_frame_equal(led.scores(), before_scores)
+    assert led.get(first.id).row["reviewer"] == "nobody yet"
+    sub = led.record(_fake_result("local", "e", value=70), image_name="c.jpg")  # new rows still recorded
+    assert len(led) == 3 and led.get(sub.id).row["reviewer"] is None
+    led.close()
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert [r[0:2] for r in con.execute("SELECT version, description FROM schema_migrations ORDER BY version")] == [
+        (1, "initial schema: submissions, scores"), (2, "test: a reviewer column")]
+    con.close()
+    Ledger(db).close()  # reopening applies nothing (a second ADD COLUMN would fail)
+    assert applied == [True]
+
+
+def test_a_failing_migration_changes_nothing(tmp_path, monkeypatch):
+    from skinlab import ledger as ledger_mod
+
+    db = tmp_path / "ledger.sqlite"
+    led = Ledger(db)
+    led.record(_fake_result("local", "e"), image_name="a.jpg")
+    led.close()
+    broken = (2, "test: broken", ["ALTER TABLE submissions ADD COLUMN fine TEXT", "ALTER TABLE nowhere ADD COLUMN x"])
+    monkeypatch.setattr(ledger_mod, "_MIGRATIONS", ledger_mod._MIGRATIONS + [broken])
+    with pytest.raises(LedgerError, match=r"schema version 2 \(test: broken\) failed.*not changed \(still version 1;"):
+        Ledger(db)
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert [r[0] for r in con.execute("SELECT version FROM schema_migrations")] == [1]
+    assert "fine" not in [r[1] for r in con.execute("PRAGMA table_info(submissions)")]
+    assert con.execute("SELECT COUNT(*) FROM submissions").fetchone()[0] == 1
+    con.close()
+
+
+def test_submission_displays_as_html_without_any_image(ledger, server, photos):
+    client = make_client(server, "k-html")
+    sub = ledger.submit(client, photos[4], ["wrinkle", "pore"], tags={"subject": "S04", "visit": "<2>"})
+    page = sub._repr_html_()
+    assert page.startswith("<div") and f"skinlab Submission {sub.id}: success" in page
+    assert "success" in page and "local" in page and sub.engine in page  # status, backend, engine
+    assert "Wrinkles" in page and "Pores" in page and "raw_score" in page  # the score table
+    assert "S04" in page and "tag_visit" in page and "&lt;2&gt;" in page and "<2>" not in page
+    assert "<img" not in page and "data:image" not in page  # never a face
+    assert photos[4].name not in page and str(photos[4].parent) not in page  # nor the file name or path
+    failed = ledger.submit(client, photos[5], ["wrinkle"], file_name="x__error_no_face__.jpg")
+    page = failed._repr_html_()
+    assert "error_no_face" in page and "Not billed" in page and "AnalysisResult" not in page
+    with pytest.warns(LedgerReuseWarning):
+        reused = ledger.submit(client, photos[4], ["wrinkle", "pore"])
+    page = reused._repr_html_()
+    assert "(reused, nothing billed)" in page and "it was reused and nothing was billed" in page
+    recorded = ledger.record(_fake_result("local", "e"), image_name="secret_name.jpg")
+    page = recorded._repr_html_()
+    assert "without a results folder" in page and "secret_name" not in page

@@ -105,3 +105,54 @@ def test_two_processes_submitting_the_same_photos_create_one_task_each(tmp_path)
     assert len(subs) == len(paths) and set(subs.status) == {"success"}
     assert len(led.scores()) == 2 * len(paths)
     led.close()
+
+
+def _open_fresh_worker(paths, label, barrier, queue):
+    """For each fresh path: wait for the others, then open the new ledger and record one row."""
+    import traceback
+
+    for path in paths:
+        try:
+            barrier.wait(60)
+        except BaseException as exc:  # pragma: no cover - a broken barrier: report and stop
+            queue.put((label, path, repr(exc)))
+            return
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", UserWarning)  # e.g. "could not use WAL mode"
+                led = Ledger(path)
+            led.record_many([dict(result={"backend": "local", "engine": "e", "scores": [
+                {"action": "wrinkle", "region": "whole", "raw_score": 1.0}]}, image_name=f"{label}.jpg")])
+            led.close()
+            queue.put((label, path, None))
+        except BaseException as exc:
+            where = traceback.format_exc().splitlines()[-3].strip()  # the failing line
+            queue.put((label, path, f"{type(exc).__name__}: {exc} at {where}"))
+
+
+def test_processes_opening_a_brand_new_ledger_at_once_all_succeed(tmp_path):
+    """Several processes create the same ledger file at the same moment (a barrier releases them
+    together), in several rounds: each opening succeeds and every process's row is kept. Setting
+    WAL mode and creating the schema race for the write lock, which SQLite may refuse at once
+    ("database is locked") instead of waiting: without the retry, this test failed on every run
+    tried (one opening in 50 to 100 raised)."""
+    n_procs, rounds = 4, 40
+    ctx = multiprocessing.get_context("spawn")
+    paths = [str(tmp_path / f"round{r}" / "ledger.sqlite") for r in range(rounds)]
+    barrier = ctx.Barrier(n_procs)
+    queue = ctx.Queue()
+    labels = [f"P{i}" for i in range(n_procs)]
+    procs = [ctx.Process(target=_open_fresh_worker, args=(paths, label, barrier, queue)) for label in labels]
+    for p in procs:
+        p.start()
+    outcomes = [queue.get(timeout=180) for _ in range(n_procs * rounds)]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    problems = [o for o in outcomes if o[2] is not None]
+    assert not problems, problems
+    for path in paths:
+        led = Ledger(path)
+        assert sorted(led.submissions().image_name) == [f"{label}.jpg" for label in labels], path
+        assert led.schema_version == skinlab.ledger.SCHEMA_VERSION
+        led.close()
