@@ -12,11 +12,11 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-class ScriptedServer:
-    def __init__(self):
-        self.routes: dict[tuple[str, str], list] = {}
-        self.requests: list[dict] = []
-        handler = self._handler_class()
+class LoopbackServer:
+    """An ``http.server`` on 127.0.0.1 (a free port) served from a daemon thread while the
+    ``with`` block runs; ``url`` is its base URL."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]):
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -30,6 +30,13 @@ class ScriptedServer:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class ScriptedServer(LoopbackServer):
+    def __init__(self):
+        self.routes: dict[tuple[str, str], list] = {}
+        self.requests: list[dict] = []
+        super().__init__(self._handler_class())
 
     def route(self, method: str, path: str, *responses):
         self.routes[(method, path)] = list(responses)
@@ -90,9 +97,9 @@ class ScriptedServer:
         return Handler
 
 
-class StaticSite:
-    """A plain HTTP server on loopback answering every GET with one body (a photo for
-    ``src_file_url`` sources). Use as a context manager; ``url`` is its base URL."""
+class StaticSite(LoopbackServer):
+    """Answers every GET with one body (a photo for ``src_file_url`` sources); the ``with``
+    block gets the base URL."""
 
     def __init__(self, body: bytes, content_type: str = "image/jpeg"):
         class Handler(BaseHTTPRequestHandler):
@@ -106,13 +113,8 @@ class StaticSite:
             def log_message(self, *args):
                 pass
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        super().__init__(Handler)
 
     def __enter__(self) -> str:
-        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        super().__enter__()
         return self.url
-
-    def __exit__(self, *exc) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()

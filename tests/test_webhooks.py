@@ -16,11 +16,12 @@ import json
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 import skinlab
+from fakes import LoopbackServer
 from skinlab import errors, webhooks
 from skinlab.client import Client, PollSchedule
 
@@ -30,7 +31,7 @@ OTHER_SECRET = "whsec_" + base64.b64encode(b"another-endpoint-secret-key-98765")
 NEVER_UPLOADED = "sKu1/dDKFvwQ2i6r7fPZMV9m4e/1gNdC9CQTQPphsFMnVic/sUTUk+2w7IxDtFjQ="
 
 
-class Receiver:
+class Receiver(LoopbackServer):
     """A loopback endpoint recording each POST as (headers object, raw body); answers 204."""
 
     def __init__(self, expect: int):
@@ -50,17 +51,8 @@ class Receiver:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
+        self.url += "/hook"
 
 
 @pytest.fixture(scope="module")
