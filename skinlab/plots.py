@@ -226,8 +226,10 @@ def _natural_key(value: Any):
 
 
 def _order(values, df, column: str, order: Sequence | None, time_col: str | None = "created_at") -> list:
-    """The order of a categorical column: ``order``, a categorical dtype's order, the earliest
-    ``created_at`` of each value, or a natural sort ("week 2" before "week 10")."""
+    """The order of a categorical column: ``order``, a categorical dtype's order, a natural sort
+    when every value holds a number ("T0" before "T1", "week 2" before "week 10"), else the
+    earliest ``created_at`` of each value ("baseline" before "follow-up" if analysed first), else
+    a natural sort. Analysis order is only a last resort: photos are often analysed out of turn."""
     import pandas as pd
 
     present = list(pd.unique(values))
@@ -238,6 +240,8 @@ def _order(values, df, column: str, order: Sequence | None, time_col: str | None
         return [v for v in order if v in present]
     if isinstance(df[column].dtype, pd.CategoricalDtype) and df[column].dtype.ordered:
         return [v for v in df[column].dtype.categories if v in present]
+    if all(re.search(r"\d", str(v)) for v in present):
+        return sorted(present, key=_natural_key)
     if time_col and time_col in df.columns:
         first = pd.to_datetime(df[time_col], errors="coerce", utc=True).groupby(values).min()
         if first.notna().all():
@@ -1051,8 +1055,8 @@ def time_course(df, concern, *, score: str = "ui", time: str = "timepoint", subj
     score : {"ui", "raw"}
     time : str
         The time column: numbers or datetimes are drawn to scale; text ("baseline", "week 4") as
-        ordered categories (``order``, else categorical order, else earliest ``created_at``, else
-        a natural sort).
+        ordered categories (``order``, else categorical order, else a natural sort when every
+        label holds a number, "T0" < "T1" < "T10", else the earliest ``created_at``).
     subject : str
         The column identifying a person.
     by : str, optional
@@ -1089,7 +1093,12 @@ def time_course(df, concern, *, score: str = "ui", time: str = "timepoint", subj
     if ax is not None and len(wanted) > 1:
         raise ValueError("time_course(): ax= takes one concern; a list of concerns makes its own panels.")
     data, key = _prepare_tidy(df, col, "time_course", needed, region, wanted)
-    data = data[data[time].notna() & data[subject].notna()]
+    tagged = data[time].notna() & data[subject].notna()
+    if not tagged.any():
+        raise ValueError(f"time_course(): no score row has both a {time!r} and a {subject!r} tag. Tag the photos "
+                         "when submitting (tags=skinlab.tags.FilenamePattern('{subject}_{timepoint}.jpg'), a tag "
+                         "sheet, or the form's tag fields), or name other columns with time= and subject=.")
+    data = data[tagged]
     _check_backends(data, allow_mixed=allow_mixed, func="time_course")
     x, ticks, ticklabels = _time_axis(data, time, order)
     data = data.assign(_x=x, _group=(data[by].astype(object).where(data[by].notna(), "(untagged)") if by
@@ -1104,6 +1113,9 @@ def time_course(df, concern, *, score: str = "ui", time: str = "timepoint", subj
             match |= data["concern"] == w
         part = data[match]
         found = sorted(part[key].unique())
+        if not found:
+            raise ValueError(f"time_course(): no tagged score row for {w!r}; the tagged rows hold "
+                             f"{sorted(map(str, data[key].unique()))}.")
         if len(found) > 1:
             raise ValueError(f"time_course(): {w!r} matches {found}; HD and SD scores are different "
                              "measurements. Pass the action name to pick one.")

@@ -572,6 +572,26 @@ def test_time_course_text_order_without_dates():
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["week 12", "week 4", "baseline"]
 
 
+def test_time_course_numbered_timepoints_follow_their_numbers_not_the_analysis_order():
+    """Photos are often analysed out of turn (T1 first): labels with numbers are put in their
+    numeric order, whatever created_at says."""
+    df = study_table()
+    df["timepoint"] = df["timepoint"].map({"baseline": "T10", "week 4": "T2", "week 12": "T0"})
+    fig = plots.time_course(df, "wrinkle")
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["T0", "T2", "T10"]
+
+
+def test_time_course_without_tags_says_how_to_tag():
+    df = study_table()
+    df["subject"] = None
+    with pytest.raises(ValueError, match=r"no score row has both a 'timepoint' and a 'subject' tag.*FilenamePattern"):
+        plots.time_course(df, "wrinkle")
+    df = study_table()
+    df.loc[df["action"] == "pore", "timepoint"] = None
+    with pytest.raises(ValueError, match="no tagged score row for 'pore'"):
+        plots.time_course(df, ["wrinkle", "pore"])
+
+
 # ----------------------------------------------------------------------------- saving and import cost
 
 
