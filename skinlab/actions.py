@@ -224,17 +224,25 @@ class ValidatedActions:
         return estimate_units(self.names)
 
 
+def _clean_name(item: object) -> object:
+    """An action name or concern key as the catalogue spells it: stripped and lower-cased
+    (anything that is not a string is left for validation to refuse)."""
+    return item.strip().lower() if isinstance(item, str) else item
+
+
 def resolve_actions(spec: str | Iterable[str], *, hd: bool = False) -> list[str]:
     """Turn a user's shorthand into action names.
 
     ``spec`` may be a comma-separated string or a list. Each item is an action name or a
     concern key (``"wrinkle"``, ``"dark_circle"``), which is mapped to the HD or SD name
-    according to ``hd``. ``"all"`` means all 16 concerns of the tier. The result is not yet
-    validated; pass it to :func:`validate_actions`.
+    according to ``hd``. ``"all"`` means all 16 concerns of the tier. Names are matched
+    case-insensitively and surrounding whitespace is ignored (``" Wrinkle"`` is ``"wrinkle"``).
+    The result is not yet validated; pass it to :func:`validate_actions`.
     """
-    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
     names: list[str] = []
-    for item in items:
+    for raw in items:
+        item = _clean_name(raw)
         if item == "":
             continue
         if item == "all":
@@ -243,13 +251,18 @@ def resolve_actions(spec: str | Iterable[str], *, hd: bool = False) -> list[str]
             names.append(f"hd_{item}" if hd else _sd_name(item))
         elif hd and isinstance(item, str) and item in CATALOGUE and not item.startswith("hd_"):
             names.append("hd_" + CATALOGUE[item].concern)
-        else:
+        elif isinstance(item, str) and item in CATALOGUE:
             names.append(item)
+        else:
+            names.append(raw.strip() if isinstance(raw, str) else raw)  # as typed, for the error message
     return names
 
 
 def validate_actions(actions: str | Iterable[str]) -> ValidatedActions:
     """Check a list of action names before any network call.
+
+    Names are matched case-insensitively and surrounding whitespace is ignored; the result holds
+    them as the catalogue spells them.
 
     Raises
     ------
@@ -263,13 +276,14 @@ def validate_actions(actions: str | Iterable[str]) -> ValidatedActions:
         When duplicates are dropped (the service would also count each concern once).
     """
     if isinstance(actions, str):
-        actions = [a.strip() for a in actions.split(",") if a.strip()]
+        actions = [a for a in actions.split(",") if a.strip()]
     try:
-        items = list(actions)
+        given = list(actions)
     except TypeError:
         raise InvalidParametersError(
             f"actions must be a list of action names, not {type(actions).__name__}"
         ) from None
+    items = [_clean_name(a) for a in given]
     if not items:
         raise InvalidParametersError(
             "No actions given. Pick at least one, e.g. ['wrinkle', 'pore'] (SD) or ['hd_wrinkle'] (HD); "
@@ -278,11 +292,11 @@ def validate_actions(actions: str | Iterable[str]) -> ValidatedActions:
     names: list[str] = []
     dropped: list[str] = []
     known_tiers = {CATALOGUE[i].tier for i in items if isinstance(i, str) and i in CATALOGUE}
-    for item in items:
+    for raw, item in zip(given, items):
         if not isinstance(item, str):
             raise InvalidParametersError(f"Action names must be strings, got {item!r}")
         if item not in CATALOGUE:
-            raise InvalidParametersError(_unknown_action_message(item, known_tiers))
+            raise InvalidParametersError(_unknown_action_message(raw.strip(), known_tiers))
         if item in names:
             dropped.append(item)
         else:

@@ -18,6 +18,7 @@ import logging
 import re
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -29,6 +30,48 @@ __all__ = ["main"]
 
 def _print(*args) -> None:
     print(*args, flush=True)
+
+
+#: Advice in library messages written for Python users, and what a command-line user does instead.
+#: Only advice the command line has an equivalent for is re-worded; the library keeps its wording.
+_CLI_WORDING: tuple[tuple[str, str], ...] = (
+    (r"work offline with skinlab\.Client\.local\(\)", "work offline with --local (or unset SKINLAB_API_KEY)"),
+    (r"ledger\.resume\(client\) (collects the outcome|polls again for fresh result URLs|finishes them|polls it again)",
+     r"running the same skinlab analyze command again \1"),
+    (r"a client of that emulator collects it \(ledger\.resume\(client\)\)",
+     "running the same skinlab analyze command again, with --base-url pointing at that emulator, collects it"),
+    (r"ledger\.resume\(client\) or the next run collects them", "running the same command again collects them"),
+    (r"the next submit of the image", "the next run of the command"),
+    (r"\(ledger\.submit and analyze_many do so by themselves\)", "(running the same command again does so)"),
+    (r"resume with client\.task\('[^']*'\)\.wait\(\)", "run the same skinlab analyze command again to collect it"),
+    (r"Pass force=True to analyse it again", "Add --force to analyse it again"),
+    (r"(?:ledger\.)?submit\(\.\.\., force=True\) \(bills again\)", "run the same command with --force (bills again)"),
+    (r"Billed but unrecoverable: submit\(\.\.\., force=True\) to measure again",
+     "Billed but unrecoverable: run the same command with --force to measure again"),
+    (r"\(submit\(\.\.\., force=True\) skips this check", "(--force skips this check"),
+    (r"pass allow_remote_bind=True", "add --allow-remote"),
+    (r"Pass downscale=True to resize it", "Add --downscale to resize it"),
+    (r", or pass api_key=\.", "."),
+)
+
+
+def _cli_text(text: object) -> str:
+    """``text`` with Python-only advice re-worded for the command line (see :data:`_CLI_WORDING`)."""
+    out = str(text)
+    for pattern, replacement in _CLI_WORDING:
+        out = re.sub(pattern, replacement, out)
+    return out
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for the command line: ``warning: <message>``, without the file,
+    line and source that Python's display adds."""
+    print(f"warning: {_cli_text(message)}", file=sys.stderr, flush=True)
+
+
+def _tags_line(tags: dict) -> str:
+    shown = [f"{k}={v}" for k, v in tags.items() if v is not None and str(v).strip() != ""]
+    return ", ".join(shown) or "(no tags)"
 
 
 def _cmd_actions(args) -> int:
@@ -57,6 +100,7 @@ def _cmd_analyze(args) -> int:
     from .batch import analyze_many, collect_images
     from .client import connect
     from .ledger import Ledger
+    from .tags import tags_for
 
     photos: list = []
     for p in args.photos:
@@ -88,7 +132,9 @@ def _cmd_analyze(args) -> int:
         tags = FilenamePattern(args.pattern)
     if tags is not None and hasattr(tags, "check"):
         tags.check([p for p in photos if isinstance(p, Path)])  # every photo has its tags, before any upload
-    out = Path(args.out)
+    # the per-photo folders go to --out, else beside the --ledger file, else to ./skinlab-results
+    out = Path(args.out) if args.out else Path(args.ledger).expanduser().parent if args.ledger else \
+        Path("skinlab-results")
     client = connect(base_url=args.base_url, local=True if args.local else None, api_version=args.api_version)
     try:
         if client.backend == "local":
@@ -105,18 +151,29 @@ def _cmd_analyze(args) -> int:
         report = analyze_many(photos, names, ledger=ledger, client=client, tags=tags, dry_run=args.dry_run,
                               max_units=args.max_units, max_workers=args.workers, progress=len(photos) > 1,
                               timeout=args.timeout, force=args.force, format=args.format, downscale=args.downscale)
+        if args.dry_run and tags is not None:
+            source = f"--pattern {args.pattern!r}" if args.pattern else f"--tags {args.tags}"
+            _print(f"\nTags ({source}):")
+            for item, photo in zip(report.items, photos):
+                _print(f"   {item.label}: {_tags_line(tags_for(tags, photo))}")
         if not args.dry_run:
             used: set[str] = set()
+            if out.expanduser().absolute() == ledger.root:  # the ledger's own files share the folder
+                used |= {ledger.results_dirname, ledger.path.name}
+                used |= {ledger.path.name + end for end in ("-wal", "-shm", "-journal")}
             for item, photo in zip(report.items, photos):
                 _print(f"\n== {item.label}: {item.outcome}")
                 if item.submission_id is None:
                     if item.error:
-                        _print(f"   {item.error}")
+                        _print(f"   {_cli_text(item.error)}")
                     continue
                 sub = ledger.get(item.submission_id)
+                for change in filter(None, (sub.row.get("preflight") or "").split("; ")):
+                    _print(f"   pre-flight: {change}")  # what was changed before the photo was sent
                 result = sub.result
                 if result is None:
-                    _print(f"   {sub.status}: {sub.error_message or ''} {sub.next_step or ''}".rstrip())
+                    why = f"{sub.status}: {sub.error_message or ''} {sub.next_step or ''}".rstrip()
+                    _print(f"   {_cli_text(why)}")
                     continue
                 _print(f"   task {result.task_id}  backend={result.backend}  engine={result.engine}")
                 table = result.scores.drop(columns=["concern", "backend", "engine"])
@@ -129,7 +186,7 @@ def _cmd_analyze(args) -> int:
                 folder = result.save(out / stem)
                 _print(f"   wrote scores.csv, result.json and {len(result.mask_names)} masks to {folder}")
         _print("")
-        _print(report.summary())
+        _print(_cli_text(report.summary()))
         return 1 if report.count("failed") or report.stopped else 0
     finally:
         client.close()
@@ -201,6 +258,18 @@ def _latency_model_arg(text: str):
     except argparse.ArgumentTypeError as exc:
         raise argparse.ArgumentTypeError(f"bad --latency-model {text!r} ({exc}); {forms}") from None
     raise argparse.ArgumentTypeError(f"bad --latency-model {text!r}; {forms}")
+
+
+def _timeout_arg(text: str) -> float:
+    return _number(text, "the wait per task (seconds)", minimum=0.0, above=True)
+
+
+def _max_units_arg(text: str) -> int:
+    return int(_number(text, "the unit cap", whole=True, minimum=0))
+
+
+def _workers_arg(text: str) -> int:
+    return int(_number(text, "the number of images in flight", whole=True, minimum=1))
 
 
 def _time_scale_arg(text: str) -> float:
@@ -417,19 +486,27 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--hd", action="store_true", help="use the HD actions (short side >= 1080 px)")
     a.add_argument("--format", choices=["zip", "json"], default="zip",
                    help="how the service returns results: zip (masks inside) or json (mask URLs); default zip")
-    a.add_argument("--out", default="skinlab-results", help="folder for results (default: skinlab-results)")
+    a.add_argument("--out", help="folder for the per-photo result folders (default: the --ledger file's folder "
+                                 "when --ledger is given, else skinlab-results)")
     a.add_argument("--sample", choices=["astronaut", "grace_hopper"], help="also analyse a bundled portrait")
     a.add_argument("--local", action="store_true", help="use the local backend even if an API key is set")
     a.add_argument("--base-url", help="service or emulator URL")
     a.add_argument("--api-version", default="v2.0", choices=["v2.0", "v2.1"], help="API version (default v2.0)")
-    a.add_argument("--timeout", type=float, default=300.0, help="seconds to wait per task")
+    a.add_argument("--timeout", type=_timeout_arg, default=300.0, metavar="SECONDS",
+                   help="seconds to wait per task, above 0 (default 300); a task still running then stays in the "
+                        "ledger for the next run of the same command")
     a.add_argument("--downscale", action="store_true", help="downscale images over 2560 px before upload")
-    a.add_argument("--ledger", help="the study's ledger file (default: OUT/ledger.sqlite); reruns reuse its results")
+    a.add_argument("--ledger", metavar="PATH",
+                   help="the study's ledger file (default: OUT/ledger.sqlite); reruns reuse its results, and "
+                        "without --out the per-photo folders are written beside it")
     a.add_argument("--tags", help="CSV sheet of per-image tags (a filename column plus subject, timepoint, ...)")
-    a.add_argument("--pattern", help="tags from file names, e.g. '{subject}_{timepoint}.jpg'")
-    a.add_argument("--dry-run", action="store_true", help="say what would be submitted and its cost; send nothing")
-    a.add_argument("--max-units", type=int, help="stop before the run spends more than this")
-    a.add_argument("--workers", type=int, default=4, help="images in flight at once (default 4)")
+    a.add_argument("--pattern", help="tags from file names, e.g. '{subject}_{timepoint}.jpg' (a pattern with no "
+                                     "extension is matched against the name without its extension)")
+    a.add_argument("--dry-run", action="store_true",
+                   help="say what would be submitted, its cost and each photo's tags; send nothing")
+    a.add_argument("--max-units", type=_max_units_arg, metavar="UNITS",
+                   help="stop before the run spends more than this many units (0 or more)")
+    a.add_argument("--workers", type=_workers_arg, default=4, help="images in flight at once (default 4)")
     a.add_argument("--force", action="store_true", help="submit again even if the ledger has the result (bills again)")
     a.set_defaults(func=_cmd_analyze)
 
@@ -490,14 +567,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    try:
-        return args.func(args)
-    except SkinlabError as exc:
-        _print(f"error: {exc}")
-        return 2
-    except KeyboardInterrupt:  # pragma: no cover
-        _print("interrupted")
-        return 130
+    with warnings.catch_warnings():  # restores Python's display (and the filters) on the way out
+        warnings.showwarning = _show_warning
+        # the ledger warns about a submission left running, timed out or ambiguous; the command
+        # prints that for each photo already, with what to do
+        warnings.filterwarnings("ignore", message=r"Submission \d+ is (timeout|ambiguous|running)",
+                                category=UserWarning)
+        try:
+            return args.func(args)
+        except SkinlabError as exc:
+            _print(f"error: {_cli_text(exc)}")
+            return 2
+        except KeyboardInterrupt:  # pragma: no cover
+            _print("interrupted")
+            return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

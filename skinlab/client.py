@@ -16,7 +16,8 @@ Two retry policies (contract §8.1, §5.5):
 A :meth:`Task.wait` deadline wins over both: no poll, and no retry of one, is sent after it.
 Every request carries an explicit ``auth`` (the Bearer key on API calls, none on storage
 calls), so ``~/.netrc`` credentials never replace or add an ``Authorization`` header, while
-proxy settings still come from the environment.
+proxy settings still come from the environment, except for loopback URLs (the embedded
+emulator and its storage), which are always reached directly.
 """
 
 from __future__ import annotations
@@ -129,6 +130,23 @@ class _NoAuth(requests.auth.AuthBase):
 
 
 _NO_AUTH = _NoAuth()
+
+
+def _proxies_for(url: str) -> dict[str, None] | None:
+    """``proxies=`` for one request: loopback URLs never go through a proxy, whatever the
+    environment (``http_proxy``, ``HTTPS_PROXY``, ``ALL_PROXY``) or ``no_proxy`` say; other URLs
+    use the environment's proxies (None leaves them to requests).
+
+    Every key a proxy could be chosen by is set to None: requests then fills nothing from the
+    environment for them and drops them from the session's proxies too. A fresh dict each call
+    (requests writes into it).
+    """
+    if not _is_loopback(url):
+        return None
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    keys = ["http", "https", "all", f"{parts.scheme}://{host}", f"all://{host}"]
+    return dict.fromkeys(keys)
 
 
 def check_transport(url: str, *, allow_insecure_http: bool = False, what: str = "request") -> None:
@@ -679,9 +697,11 @@ class Client:
             if json_body is not None:
                 headers["Content-Type"] = "application/json"
             try:
-                resp = self.session.request(method, self._url(path), json=json_body, params=params,
+                url = self._url(path)
+                resp = self.session.request(method, url, json=json_body, params=params,
                                             headers=headers, auth=_BearerAuth(headers["Authorization"]),
-                                            timeout=timeout, allow_redirects=False, stream=True)
+                                            timeout=timeout, allow_redirects=False, stream=True,
+                                            proxies=_proxies_for(url))
                 oversized = _buffer(resp, MAX_ANSWER_BYTES)
             except requests.exceptions.RequestException as exc:
                 never_sent = _never_connected(exc)
@@ -782,7 +802,8 @@ class Client:
         for _ in range(6):
             check_transport(url, allow_insecure_http=self.allow_insecure_http, what=what)
             resp = self.session.request(method, url, data=data, headers=dict(headers or {}), auth=_NO_AUTH,
-                                        timeout=timeout or self.timeout, stream=stream, allow_redirects=False)
+                                        timeout=timeout or self.timeout, stream=stream, allow_redirects=False,
+                                        proxies=_proxies_for(url))
             if not resp.is_redirect:
                 return resp
             target = requests.compat.urljoin(resp.url, resp.headers.get("Location", ""))

@@ -11,13 +11,15 @@ bytes to upload. In order it:
 4. applies the EXIF orientation (the image is re-encoded upright);
 5. brings unusual pixel formats to 8-bit RGB: CMYK, greyscale (with a warning that colour
    concerns cannot be measured), 16-bit, palette; transparency is flattened onto white;
-6. removes metadata (EXIF with GPS position and camera serial, XMP, IPTC, comments) without
-   touching the pixels where possible;
+6. removes metadata (EXIF, which can hold the GPS position and camera serial, XMP, IPTC,
+   comments, PNG text) without touching the pixels where possible, and says exactly what it
+   removed;
 7. optionally downscales images whose long side exceeds 2560 px (the service would resize
    them anyway);
 8. checks the tier's minimum short side (480 px SD, 1080 px HD) and the 10 MB limit.
 
-Every change is listed in :attr:`PreparedImage.changes`; nothing is changed silently.
+Every change is listed in :attr:`PreparedImage.changes`; nothing is changed silently. The
+notes contain no ``;`` (the ledger's ``preflight`` column joins them with ``"; "``).
 """
 
 from __future__ import annotations
@@ -180,6 +182,46 @@ def _read_source(source: ImageSource) -> tuple[bytes, str | None, Any]:
 
 _JPEG_KEEP_APP = {0xE0, 0xE2, 0xEE}  # JFIF, ICC profile, Adobe (colour transform)
 
+#: EXIF tags naming the camera or lens copy: BodySerialNumber, LensSerialNumber, CameraSerialNumber
+#: (DNG), looked for in IFD0 and in the Exif IFD.
+_SERIAL_TAGS = (0xA431, 0xA435, 0xC62F)
+
+
+def _exif_label(tiff: bytes) -> str:
+    """Name removed EXIF by what it held: GPS position and camera serial only when present."""
+    from PIL import Image
+
+    try:
+        exif = Image.Exif()
+        exif.load(tiff)
+        gps = bool(exif.get_ifd(0x8825)) or bool(exif.get(0x8825))
+        sub = exif.get_ifd(0x8769)
+        serial = any(exif.get(t) or sub.get(t) for t in _SERIAL_TAGS)
+    except Exception:  # unreadable EXIF: it may hold anything
+        return "EXIF (which can hold GPS position and camera serial)"
+    held = [what for what, present in (("GPS position", gps), ("camera serial number", serial)) if present]
+    return "EXIF" + (f" (with {' and '.join(held)})" if held else "")
+
+
+def _app_label(marker: int, payload: bytes) -> str:
+    """What a removed JPEG APPn or COM segment was."""
+    if marker == 0xFE:
+        return "JPEG comment"
+    if marker == 0xE1:
+        if payload.startswith(b"Exif\x00"):
+            return _exif_label(payload[6:])
+        if payload.startswith((b"http://ns.adobe.com/xap/", b"http://ns.adobe.com/xmp/")):
+            return "XMP"
+        return "APP1 segment"
+    if marker == 0xED:
+        return "IPTC"
+    return f"APP{marker - 0xE0} segment"
+
+
+def _describe_removed(removed: list[str]) -> str:
+    """The pre-flight note for removed metadata, saying exactly what was removed."""
+    return "removed metadata before upload: " + ", ".join(dict.fromkeys(removed))
+
 
 def _strip_jpeg_metadata(data: bytes) -> tuple[bytes, list[str]]:
     """Remove APPn (except JFIF/ICC/Adobe) and COM segments; pixels untouched."""
@@ -203,8 +245,7 @@ def _strip_jpeg_metadata(data: bytes) -> tuple[bytes, list[str]]:
         (length,) = struct.unpack(">H", data[i + 2:i + 4])
         segment = data[i:i + 2 + length]
         if (0xE1 <= marker <= 0xEF and marker not in _JPEG_KEEP_APP) or marker == 0xFE:
-            label = {0xE1: "EXIF/XMP", 0xED: "IPTC", 0xFE: "comment"}.get(marker, f"APP{marker - 0xE0}")
-            removed.append(label)
+            removed.append(_app_label(marker, segment[4:]))
         else:
             out += segment
         i += 2 + length
@@ -213,6 +254,20 @@ def _strip_jpeg_metadata(data: bytes) -> tuple[bytes, list[str]]:
 
 
 _PNG_DROP = {b"eXIf", b"tEXt", b"zTXt", b"iTXt", b"tIME"}
+
+
+def _png_label(ctype: bytes, payload: bytes) -> str:
+    """What a removed PNG chunk was (its keyword for text chunks; EXIF by what it held)."""
+    if ctype == b"eXIf":
+        return _exif_label(payload)
+    if ctype == b"tIME":
+        return "PNG modification time"
+    keyword = payload.split(b"\x00", 1)[0].decode("latin-1", "replace").replace(";", ",")  # no ';' in notes
+    if keyword == "XML:com.adobe.xmp":
+        return "XMP"
+    if keyword.lower().startswith("raw profile type exif"):
+        return "EXIF (which can hold GPS position and camera serial)"
+    return f"PNG text ({keyword})" if keyword.isprintable() and 0 < len(keyword) <= 79 else "PNG text"
 
 
 def _strip_png_metadata(data: bytes) -> tuple[bytes, list[str]]:
@@ -224,7 +279,7 @@ def _strip_png_metadata(data: bytes) -> tuple[bytes, list[str]]:
         ctype = data[i + 4:i + 8]
         chunk = data[i:i + 12 + length]
         if ctype in _PNG_DROP:
-            removed.append(ctype.decode("latin-1"))
+            removed.append(_png_label(ctype, data[i + 8:i + 8 + length]))
         else:
             out += chunk
         i += 12 + length
@@ -273,7 +328,7 @@ def _normalise_mode(img, *, sixteen_bit: bool = False):
             flat = Image.new("RGB", img.size, (255, 255, 255))
             flat.paste(img.convert("RGBA"), mask=alpha)
             img = flat
-            notes.append(f"flattened transparency onto white ({share:.0%} of the pixels were not opaque; the "
+            notes.append(f"flattened transparency onto white ({share:.0%} of the pixels were not opaque, and the "
                          "analysis does not use transparency)")
         elif img.mode == "LA":
             img = img.convert("RGB")
@@ -366,8 +421,7 @@ def prepare_image(source: ImageSource, *, tier: str = "sd", downscale: bool = Fa
     data, more = stripper(data)
     removed += more
     if removed:
-        changes.append(f"removed metadata ({', '.join(sorted(set(removed)))}): GPS position, camera serial "
-                       "and other EXIF fields are not uploaded")
+        changes.append(_describe_removed(removed))
     width, height = img.size
     if max(width, height) > MAX_LONG_SIDE and downscale:
         scale = MAX_LONG_SIDE / max(width, height)

@@ -157,18 +157,25 @@ class TagSheet:
         ``key`` defaults to the first column named one of :data:`FILENAME_COLUMNS`.
         """
         path = Path(path)
-        text = path.read_text(encoding=encoding)
+        text = _read_sheet(path, encoding)
         if delimiter is None:
             try:
                 delimiter = csv.Sniffer().sniff(text.split("\n", 1)[0], delimiters=",;\t").delimiter
             except csv.Error:
                 delimiter = ","
-        reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
-        header = reader.fieldnames or []
-        key = key or _find_key(header, str(path))
-        if key not in header:
-            raise TagError(f"{path}: no column {key!r}; the columns are {', '.join(header)}")
-        return cls(list(reader), key=key, origin=str(path), first_line=2)
+        try:
+            reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
+            header = reader.fieldnames or []
+            if not header:
+                raise TagError(f"{path} is empty: a tag sheet needs a header row (e.g. filename,subject,timepoint) "
+                               "and one row per image.")
+            key = key or _find_key(header, str(path))
+            if key not in header:
+                raise TagError(f"{path}: no column {key!r}; the columns are {', '.join(header)}")
+            rows = list(reader)
+        except csv.Error as exc:
+            raise TagError(f"{path} cannot be read as CSV ({exc}). Save it from the spreadsheet as CSV.") from None
+        return cls(rows, key=key, origin=str(path), first_line=2)
 
     @classmethod
     def from_dataframe(cls, df, *, key: str | None = None) -> "TagSheet":
@@ -236,6 +243,36 @@ class TagSheet:
             raise TagError(f"{self.origin}: " + "; ".join(problems))
 
 
+def _read_sheet(path: Path, encoding: str) -> str:
+    """The text of a CSV sheet, or a :class:`TagError` saying why it cannot be one."""
+    save_as = "Save it from the spreadsheet as 'CSV UTF-8 (comma delimited)'"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise TagError(f"No tag sheet at {str(path)!r}: there is no such file (relative paths start at "
+                       f"{os.getcwd()!r}). Check the path.") from None
+    except IsADirectoryError:
+        raise TagError(f"{str(path)!r} is a folder, not a tag sheet; give the CSV file inside it.") from None
+    except OSError as exc:
+        raise TagError(f"Cannot read the tag sheet {str(path)!r}: {exc.strerror or exc}.") from None
+    if data.startswith((b"PK\x03\x04", b"\xd0\xcf\x11\xe0")):
+        raise TagError(f"{str(path)!r} is a spreadsheet workbook (Excel or similar), not a CSV file. {save_as}, "
+                       "or in Python pass pandas.read_excel(...) to TagSheet.from_dataframe().")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) and encoding.lower().replace("_", "-") in ("utf-8-sig", "utf-8"):
+        encoding = "utf-16"  # Excel's "Unicode text": a byte-order mark says so
+    elif b"\x00" in data[:65536]:
+        raise TagError(f"{str(path)!r} is a binary file, not a CSV text file. {save_as}.")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise TagError(f"{str(path)!r} is not {encoding.upper().replace('-SIG', '')} text (byte "
+                       f"0x{data[exc.start]:02x} on line {line} is not valid). {save_as}, or in Python "
+                       "pass encoding= (e.g. 'cp1252').") from None
+    except LookupError:
+        raise TagError(f"Unknown text encoding {encoding!r}; use e.g. 'utf-8-sig' or 'cp1252'.") from None
+
+
 def _find_key(header: list, origin: str) -> str:
     lowered = {str(h).strip().lower(): h for h in header}
     for cand in FILENAME_COLUMNS:
@@ -259,7 +296,13 @@ class FilenamePattern:
     ``{subject}_{timepoint}`` splits at the first ``_`` that lets the rest match); ``{name:regex}``
     gives the field its own regular expression, and ``*`` matches anything. The pattern is matched
     against the base name, or, when it contains a ``/``, against the last components of the path.
-    Matching is case-sensitive except for the extension.
+    A pattern that does not end in an extension (``{subject}_{timepoint}``) is matched against the
+    name without its extension (the stem), so ``S01_T0.jpg`` gives timepoint ``T0``. Matching is
+    case-sensitive except for the extension.
+
+    Two fields side by side with nothing between them (``{subject}{timepoint}.jpg``) are refused:
+    nothing says where one ends. Put the separator the names use between them, or give the first
+    one its own regular expression (``{subject:S[0-9]+}{timepoint}.jpg``).
     """
 
     _FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::((?:[^{}]|\{[^{}]*\})+))?\}")
@@ -267,25 +310,50 @@ class FilenamePattern:
     def __init__(self, pattern: str) -> None:
         self.pattern = pattern
         self.depth = pattern.count("/") + 1
-        regex, pos, names = "", 0, []
+        # the pattern as a sequence of (kind, regex, shown, own regex): kind is "field", "text" or "ext"
+        parts: list[tuple[str, str, str, str | None]] = []
+        pos, names = 0, []
         for m in self._FIELD.finditer(pattern):
-            regex += self._literal(pattern[pos:m.start()])
+            text = pattern[pos:m.start()]
+            if text:
+                parts.append(("text", self._literal(text), text, None))
             name = _norm_key(m.group(1))
             if name in names:
                 raise TagError(f"pattern {pattern!r} names {{{name}}} twice")
+            own = m.group(2)
+            # what comes just before this field when nothing but '*' separates them (None otherwise)
+            if not text:
+                touching = parts[-1] if parts else None
+            elif not text.strip("*"):
+                touching = parts[-2] if len(parts) > 1 else None
+            else:
+                touching = None
+            if own is None and touching is not None and touching[0] == "field" and touching[3] is None:
+                first = touching[2]
+                fixed = pattern[:m.start() - len(text)] + "_" + pattern[m.start():]
+                raise TagError(
+                    f"pattern {pattern!r} puts {first} and {{{name}}} side by side with no separator, so nothing "
+                    f"says where one ends: {first} would get a single character and {{{name}}} the rest (e.g. S01_T0 "
+                    f"would split into 'S' and '01_T0'). Put the separator the file names use between them, e.g. "
+                    f"{fixed!r}, or give {first} its own regular expression, e.g. "
+                    f"'{{{first[1:-1]}:S[0-9]+}}'.")
             names.append(name)
-            regex += f"(?P<{name}>{m.group(2) or '[^/]+?'})"
+            parts.append(("field", f"(?P<{name}>{own or '[^/]+?'})", m.group(0) if own else f"{{{name}}}", own))
             pos = m.end()
         tail = pattern[pos:]
         ext = re.search(r"(\.[A-Za-z0-9]+)$", tail)
         if ext:
-            regex += self._literal(tail[:ext.start()]) + "(?i:" + re.escape(ext.group(1)) + ")"
-        else:
-            regex += self._literal(tail)
+            if tail[:ext.start()]:
+                parts.append(("text", self._literal(tail[:ext.start()]), tail[:ext.start()], None))
+            parts.append(("ext", "(?i:" + re.escape(ext.group(1)) + ")", ext.group(1), None))
+        elif tail:
+            parts.append(("text", self._literal(tail), tail, None))
         if not names:
             raise TagError(f"pattern {pattern!r} has no {{field}}; write e.g. '{{subject}}_{{timepoint}}.jpg'")
         self.fields = tuple(names)
-        self._regex = re.compile(regex + r"\Z")
+        self.has_extension = bool(ext)
+        self._parts = parts
+        self._regex = re.compile("".join(p[1] for p in parts) + r"\Z")
 
     @staticmethod
     def _literal(text: str) -> str:
@@ -296,31 +364,80 @@ class FilenamePattern:
     def __repr__(self) -> str:
         return f"FilenamePattern({self.pattern!r})"
 
-    def match(self, source: Any) -> dict[str, str] | None:
-        """The fields of ``source``, or None when it does not fit."""
+    def _targets(self, source: Any) -> list[str]:
+        """What the pattern is matched against: the last components of the path, without the
+        extension first when the pattern has none (then with it, as before)."""
         path = _source_path(source)
         if path is None:
+            return []
+        parts = [p for p in path.as_posix().split("/") if p][-self.depth:]
+        if not parts:
+            return []
+        full = "/".join(parts)
+        if self.has_extension:
+            return [full]
+        stem = "/".join(parts[:-1] + [PurePath(parts[-1]).stem])
+        return [stem, full] if stem != full else [full]
+
+    def match(self, source: Any) -> dict[str, str] | None:
+        """The fields of ``source``, or None when it does not fit."""
+        for target in self._targets(source):
+            m = self._regex.match(target)
+            if m:
+                return dict(m.groupdict())
+        return None
+
+    def why_not(self, source: Any) -> str | None:
+        """Why ``source`` does not fit, in words (None when it fits): the first thing the pattern
+        needs that the name lacks."""
+        if self.match(source) is not None:
             return None
-        parts = [p for p in path.as_posix().split("/") if p]
-        m = self._regex.match("/".join(parts[-self.depth:]))
-        return dict(m.groupdict()) if m else None
+        targets = self._targets(source)
+        if not targets:
+            return f"{type(source).__name__} has no file name to match"
+        name, regex = targets[0], ""
+        for i, (kind, part, shown, own) in enumerate(self._parts):
+            regex += part
+            if re.match(regex, name) is None:
+                prev = self._parts[i - 1] if i else None
+                where = ("at the start" if prev is None else
+                         f"right after {prev[2]}" if prev[0] == "field" and prev[3] is not None else
+                         f"after {prev[2]}" if prev[0] == "field" else f"after {prev[2]!r}")
+                if kind == "ext" and not name.lower().endswith(shown.lower()):
+                    return f"the pattern needs the name to end in {shown!r} (any case), and {name!r} does not"
+                if kind in ("text", "ext"):
+                    return f"the pattern needs {shown!r} {where}, and {name!r} has none there"
+                if own is not None:
+                    return f"the pattern needs text matching {shown} {where}, and {name!r} has none"
+                return f"{name!r} ends before {shown}"
+        kind, _, shown, own = self._parts[-1]
+        if kind == "ext":
+            return f"the pattern needs the name to end in {shown!r} (any case), and {name!r} does not"
+        if kind == "text":
+            return f"the pattern needs the name to end with {shown!r}, and {name!r} does not"
+        if own is not None:
+            return f"the end of {name!r} does not match {shown}"
+        return f"{name!r} goes on past what the pattern describes"
 
     def __call__(self, source: Any) -> dict[str, str]:
         found = self.match(source)
         if found is None:
             path = _source_path(source)
             shown = path.name if path is not None else type(source).__name__
-            raise TagError(f"{shown!r} does not fit the file-name pattern {self.pattern!r}. Rename the file, "
-                           "fix the pattern, or pass tags= explicitly for this image.")
+            raise TagError(f"{shown!r} does not fit the file-name pattern {self.pattern!r}: {self.why_not(source)}. "
+                           "Rename the file, fix the pattern, or pass tags= explicitly for this image.")
         return found
 
     def check(self, sources: Iterable[Any]) -> None:
-        """Raise one :class:`TagError` listing every source that does not fit."""
-        bad = []
+        """Raise one :class:`TagError` listing every source that does not fit, and saying why the
+        first one does not."""
+        bad, first = [], None
         for src in sources:
             if self.match(src) is None:
                 path = _source_path(src)
                 bad.append(path.name if path is not None else repr(src))
+                first = src if first is None else first
         if bad:
             raise TagError(f"{len(bad)} file(s) do not fit {self.pattern!r}: {', '.join(bad[:20])}"
-                           + (" ..." if len(bad) > 20 else ""))
+                           + (" ..." if len(bad) > 20 else "")
+                           + f". For example, {self.why_not(first)}. Rename the files or change the pattern.")

@@ -148,3 +148,32 @@ def test_unknown_name_suggestion_follows_the_tier_of_the_others(actions, suggest
     # and the suggestion, put in place, validates
     fixed = [suggestion if a not in CATALOGUE else a for a in actions]
     assert validate_actions(fixed).names == tuple(fixed)
+
+
+@pytest.mark.parametrize("spec, hd, names", [
+    ("Wrinkle", False, ["wrinkle"]),
+    (" Wrinkle , PORE ", False, ["wrinkle", "pore"]),
+    ("Dark_Circle", False, ["dark_circle_v2"]),
+    ("Dark_Circle", True, ["hd_dark_circle"]),
+    (["HD_Wrinkle ", "\tRedness"], True, ["hd_wrinkle", "hd_redness"]),
+    ("ALL", False, list(actions.SD_ACTIONS)),
+    (" All ", True, list(actions.HD_ACTIONS)),
+])
+def test_names_and_concern_keys_case_and_space_insensitive(spec, hd, names):
+    assert resolve_actions(spec, hd=hd) == names
+    assert validate_actions(resolve_actions(spec, hd=hd)).names == tuple(names)
+
+
+def test_validate_actions_normalises_case_and_space():
+    assert validate_actions(["Wrinkle", "PORE ", " Redness\n"]).names == ("wrinkle", "pore", "redness")
+    assert validate_actions("HD_Pore, hd_ACNE").names == ("hd_pore", "hd_acne")
+    assert validate_actions([" Dark_Circle_V2 "]).names == ("dark_circle_v2",)
+    with pytest.warns(UserWarning, match="Duplicate actions dropped: wrinkle$"):
+        assert validate_actions(["wrinkle", "Wrinkle "]).names == ("wrinkle",)
+
+
+def test_unknown_name_quoted_as_typed():
+    with pytest.raises(InvalidParametersError, match=r"Unknown action 'Wrinkel'\. Did you mean 'wrinkle'\?"):
+        validate_actions(resolve_actions(" Wrinkel"))
+    with pytest.raises(InvalidParametersError, match="must be strings"):
+        validate_actions(resolve_actions(["Pore", 3]))

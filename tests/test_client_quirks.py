@@ -997,12 +997,53 @@ def test_netrc_ignored_against_the_emulator(netrc_trap, face_jpeg):
 
 
 def test_environment_proxies_still_used(srv, netrc_trap, monkeypatch):
-    target = "http://127.0.0.1:9"                                     # nothing listens there: only the proxy answers
+    target = "http://api.skinlab-proxy-test.invalid"                 # no such host: only the proxy answers
     for name in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
     for name in ("http_proxy", "HTTP_PROXY"):
         monkeypatch.setenv(name, srv.url)
     srv.route("GET", f"{target}{CREDIT}", (200, example("credit-response.json")))
-    assert client_for(target).balance() == pytest.approx(269.5)
+    assert client_for(target, allow_insecure_http=True).balance() == pytest.approx(269.5)
     (call,) = srv.requests
     assert call["path"] == f"{target}{CREDIT}" and call["headers"]["Authorization"] == f"Bearer {KEY}"
+
+
+DEAD_PROXY = "http://127.0.0.1:9"                                     # nothing listens there
+
+
+def _proxy_environment(monkeypatch, no_proxy):
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, DEAD_PROXY)
+    for name in ("no_proxy", "NO_PROXY"):
+        if no_proxy is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, no_proxy)
+    assert requests.utils.get_environ_proxies("http://127.0.0.1:1/x", no_proxy=None) or no_proxy  # armed
+
+
+@pytest.mark.parametrize("no_proxy", [None, "", "example.com"])
+def test_loopback_never_goes_through_a_proxy(monkeypatch, face_jpeg, no_proxy):
+    """The embedded emulator and its storage URLs are reached directly, whatever the proxy variables
+    and no_proxy say, and whatever proxies the session was given."""
+    _proxy_environment(monkeypatch, no_proxy)
+    with serve(task_duration_s=0) as srv:
+        c = client_for(srv)
+        c.session.proxies = {"http": DEAD_PROXY, "all": DEAD_PROXY}
+        assert c.balance() > 0
+        task = c.submit(face_jpeg, ["redness"])                     # upload slot, storage PUT, create
+        assert task.wait(timeout=30).score("redness") is not None  # polls and the ZIP download
+        assert zipfile.is_zipfile(io.BytesIO(c.download(task.status().results["url"])))
+    with Client.local(rate_limit=None) as c:                       # Client.local() too
+        assert c.balance() > 0
+
+
+def test_only_loopback_urls_bypass_proxies():
+    from skinlab.client import _proxies_for
+
+    assert _proxies_for("https://yce-api-01.makeupar.com/s2s/v1.0/client/credit") is None
+    assert _proxies_for("https://127.0.0.1.example.com/x") is None
+    for url in ("http://127.0.0.1:8765/x", "http://localhost:1/y", "http://[::1]:2/z", "http://127.8.9.1/"):
+        direct = _proxies_for(url)
+        assert direct and set(direct.values()) == {None} and {"http", "https", "all"} <= set(direct)
+    assert _proxies_for("http://127.0.0.1:1/") is not _proxies_for("http://127.0.0.1:1/")  # requests writes into it

@@ -402,3 +402,236 @@ def test_cli_serve_options_inject_faults_seen_over_http():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---------------------------------------------------------------------------- the command line, as a new user meets it
+
+
+@pytest.fixture
+def no_key(monkeypatch):
+    monkeypatch.delenv("SKINLAB_API_KEY", raising=False)
+    monkeypatch.delenv("YOUCAM_API_KEY", raising=False)
+
+
+def _photo(tmp_path, portraits, name="S01_T0.jpg", which="astronaut"):
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(portraits[which, "sd"])
+    return path
+
+
+def test_cli_no_key_mode_ignores_proxy_variables(tmp_path, monkeypatch, capsys, portraits, no_key):
+    """A proxy in the environment (here a dead one) must not come between the CLI and the embedded
+    emulator on loopback, whatever no_proxy says."""
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    photo = _photo(tmp_path, portraits)
+    code = main_cli(["analyze", str(photo), "--actions", "redness", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "Backend: LOCAL" in out and "done 1" in out and "ProxyError" not in out
+    assert (tmp_path / "out" / "S01_T0" / "scores.csv").exists()
+
+
+def main_cli(argv):
+    from skinlab.cli import main
+
+    return main(argv)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--timeout", "0"], "argument --timeout: the wait per task (seconds) must be a number above 0, not '0'"),
+    (["--timeout", "-1"], "argument --timeout: the wait per task (seconds) must be a number above 0, not '-1'"),
+    (["--timeout", "soon"], "argument --timeout: the wait per task (seconds) must be a number above 0"),
+    (["--max-units", "-5"], "argument --max-units: the unit cap must be a whole number at least 0, not '-5'"),
+    (["--max-units", "2.5"], "argument --max-units: the unit cap must be a whole number"),
+    (["--workers", "0"], "argument --workers: the number of images in flight must be a whole number at least 1"),
+])
+def test_cli_refuses_bad_numbers(capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        main_cli(["analyze", "face.jpg", *argv])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_accepts_good_numbers():
+    from skinlab.cli import build_parser
+
+    args = build_parser().parse_args(["analyze", "face.jpg", "--timeout", "0.5", "--max-units", "0", "--workers", "1"])
+    assert (args.timeout, args.max_units, args.workers) == (0.5, 0, 1)
+    defaults = build_parser().parse_args(["analyze", "face.jpg"])
+    assert (defaults.timeout, defaults.max_units, defaults.workers, defaults.out) == (300.0, None, 4, None)
+
+
+def test_cli_warning_is_one_clean_line(tmp_path, capsys, portraits, no_key):
+    import warnings
+
+    before = warnings.showwarning
+    photo = _photo(tmp_path, portraits)
+    assert main_cli(["analyze", str(photo), "--actions", "Wrinkle, wrinkle", "--dry-run",
+                     "--out", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    warning_lines = [ln for ln in captured.err.splitlines() if "Duplicate" in ln]
+    assert warning_lines == ["warning: Duplicate actions dropped: wrinkle"], captured.err
+    assert "UserWarning" not in captured.err and "cli.py" not in captured.err and "names = " not in captured.err
+    assert "would submit 1 image(s)" in captured.out and "estimated cost 9" in captured.out
+    assert warnings.showwarning is before  # restored for whatever runs next in this process
+
+
+def test_cli_serve_hint_names_the_flag(capsys):
+    assert main_cli(["serve", "--host", "0.0.0.0", "--port", "0"]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("error: Refusing to bind the local emulator to '0.0.0.0'")
+    assert "add --allow-remote if you really mean it" in out and "allow_remote_bind" not in out
+
+
+def test_cli_unreachable_backend_advises_cli_options(tmp_path, monkeypatch, capsys, portraits):
+    monkeypatch.setattr(skinlab.client.RetryPolicy, "delay", lambda self, attempt: 0.0)  # no backoff waits
+    photo = _photo(tmp_path, portraits)
+    code = main_cli(["analyze", str(photo), "--actions", "redness", "--base-url", "http://127.0.0.1:9",
+                     "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "cannot reach http://127.0.0.1:9" in out and "work offline with --local (or unset SKINLAB_API_KEY)" in out
+    assert "skinlab.Client.local()" not in out
+    with pytest.raises(errors.SkinlabConnectionError, match=r"work offline with skinlab\.Client\.local\(\)"):
+        Client(base_url="http://127.0.0.1:9", retry=skinlab.client.RetryPolicy(sleep=lambda s: None)).balance()
+
+
+def test_cli_timeout_advice_is_true_for_the_command_line(tmp_path, capsys, portraits):
+    """A task still running at --timeout: the CLI says to run the same command again (not Python's
+    ledger.resume), says it once per photo (no extra warning), and running it again collects it."""
+    from skinlab.local import serve
+
+    photo = _photo(tmp_path, portraits)
+    with serve(task_duration_s=2.0, rate_limit=None) as srv:
+        argv = ["analyze", str(photo), "--actions", "redness", "--base-url", srv.url, "--out", str(tmp_path / "out")]
+        assert main_cli(argv + ["--timeout", "0.3"]) == 1
+        captured = capsys.readouterr()
+        assert "running the same skinlab analyze command again" in captured.out
+        assert "ledger.resume" not in captured.out + captured.err
+        assert "warning: Submission" not in captured.err and "UserWarning" not in captured.err
+        assert main_cli(argv + ["--timeout", "60"]) == 0
+        out = capsys.readouterr().out
+        assert "S01_T0.jpg: reused" in out and "redness" in out
+        assert len(srv.app.task_ids()) == 1  # collected, not submitted again
+
+
+def test_cli_tag_problems_are_clear_errors(tmp_path, capsys, portraits, no_key):
+    photo = _photo(tmp_path, portraits)
+    base = ["analyze", str(photo), "--actions", "redness", "--out", str(tmp_path / "out"), "--dry-run"]
+    binary = tmp_path / "tags.csv"
+    binary.write_bytes(portraits["astronaut", "sd"][:2000])
+    cases = [
+        (["--tags", str(tmp_path / "nofile.csv")], "error: No tag sheet at "),
+        (["--tags", str(binary)], "is a binary file, not a CSV text file"),
+        (["--pattern", "{subject}{timepoint}.jpg"],
+         "puts {subject} and {timepoint} side by side with no separator"),
+        (["--pattern", "{subject}-{timepoint}.jpg"],
+         "1 file(s) do not fit '{subject}-{timepoint}.jpg': S01_T0.jpg. For example, the pattern needs '-' after "
+         "{subject}, and 'S01_T0.jpg' has none there."),
+    ]
+    for extra, message in cases:
+        assert main_cli(base + extra) == 2, extra
+        out = capsys.readouterr().out
+        assert message in out and "Traceback" not in out, out
+    assert not (tmp_path / "out").exists()  # refused before anything was set up
+
+
+def test_cli_dry_run_shows_the_parsed_tags(tmp_path, capsys, portraits, no_key):
+    photos = tmp_path / "photos"
+    _photo(photos, portraits, "S01_T0.jpg")
+    _photo(photos, portraits, "S02_T1.jpg", "grace_hopper")
+    base = ["analyze", str(photos), "--actions", "redness", "--out", str(tmp_path / "out"), "--dry-run"]
+    assert main_cli(base + ["--pattern", "{subject}_{timepoint}"]) == 0  # no extension: matched on the stem
+    out = capsys.readouterr().out
+    assert "Tags (--pattern '{subject}_{timepoint}'):\n   S01_T0.jpg: subject=S01, timepoint=T0\n" \
+           "   S02_T1.jpg: subject=S02, timepoint=T1\n" in out
+    sheet = tmp_path / "tags.csv"
+    sheet.write_text("filename,subject,condition\nS01_T0.jpg,S01,placebo\nS02_T1.jpg,S02,\n")
+    assert main_cli(base + ["--tags", str(sheet)]) == 0
+    out = capsys.readouterr().out
+    assert "   S01_T0.jpg: subject=S01, condition=placebo\n   S02_T1.jpg: subject=S02\n" in out
+
+
+def test_cli_prints_preflight_changes_per_photo(tmp_path, capsys, portraits, no_key):
+    upright = Image.open(io.BytesIO(portraits["astronaut", "sd"])).convert("RGBA")
+    upright.paste((0, 0, 0, 0), (0, 0, 40, 40))                   # a transparent corner
+    stored = upright.transpose(Image.Transpose.ROTATE_90)         # stored sideways; EXIF 6 turns it back
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = tmp_path / "cutout.png"
+    stored.save(photo, "PNG", exif=exif)
+    argv = ["analyze", str(photo), "--actions", "redness", "--out", str(tmp_path / "out")]
+    for outcome in ("done", "reused"):                            # a rerun shows what was sent, too
+        assert main_cli(argv) == 0
+        out = capsys.readouterr().out
+        block = out.split("== cutout.png: ")[1]
+        assert block.startswith(f"{outcome}\n   pre-flight: rotated upright from EXIF orientation 6"), block
+        assert "\n   pre-flight: flattened transparency onto white (" in block
+        assert "\n   pre-flight: removed metadata before upload: EXIF\n" in block
+        assert "GPS" not in out
+
+
+def test_cli_ledger_without_out_writes_beside_the_ledger(tmp_path, monkeypatch, capsys, portraits, no_key):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    photos = tmp_path / "photos"
+    _photo(photos, portraits, "S01_T0.jpg")
+    _photo(photos, portraits, "results.jpg", "grace_hopper")     # a name the ledger's own folder has
+    ledger = tmp_path / "study" / "ledger.sqlite"
+    assert main_cli(["analyze", str(photos), "--actions", "redness", "--ledger", str(ledger)]) == 0
+    out = capsys.readouterr().out
+    assert f"to {tmp_path / 'study' / 'S01_T0'}" in out
+    assert (tmp_path / "study" / "S01_T0" / "scores.csv").exists()
+    assert (tmp_path / "study" / "results-2" / "scores.csv").exists()
+    assert not (tmp_path / "study" / "results" / "scores.csv").exists()  # the ledger's folder left alone
+    assert list(cwd.iterdir()) == []                                      # nothing in the current folder
+    from skinlab.ledger import Ledger
+
+    with Ledger(ledger) as led:
+        assert len(led) == 2 and all(s.result is not None for s in map(led.get, led.submissions().submission_id))
+
+
+def test_cli_help_says_where_results_go():
+    from skinlab.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    text = re.sub(r"(?<=\w-) ", "", " ".join(subparsers.choices["analyze"].format_help().split()))  # per- photo
+    assert "default: the --ledger file's folder when --ledger is given, else skinlab-results" in text
+    assert "without --out the per-photo folders are written beside it" in text
+
+
+@pytest.mark.parametrize("library, cli", [
+    ("upload slot: cannot reach http://127.0.0.1:9 (ProxyError). Check the network, or work offline with "
+     "skinlab.Client.local().", "Check the network, or work offline with --local (or unset SKINLAB_API_KEY)."),
+    ("ledger.resume(client) collects the outcome (task ids stay valid 24 h after completion).",
+     "running the same skinlab analyze command again collects the outcome (task ids"),
+    ("its results were not saved: ledger.resume(client) polls again for fresh result URLs",
+     "its results were not saved: running the same skinlab analyze command again polls again for fresh result URLs"),
+    ("Submission 3 (recorded ..., task abc...) already holds this result: it was reused and nothing was billed. "
+     "Pass force=True to analyse it again.", "nothing was billed. Add --force to analyse it again."),
+    ("Billed but unrecoverable: submit(..., force=True) to measure again.",
+     "Billed but unrecoverable: run the same command with --force to measure again."),
+    ("To measure again: ledger.submit(..., force=True) (bills again).",
+     "To measure again: run the same command with --force (bills again)."),
+    ("Task abc: the deadline passed while polling; no poll was sent after it. The task is not lost: resume with "
+     "client.task('abc').wait(); do not submit again", "The task is not lost: run the same skinlab analyze command "
+     "again to collect it; do not submit again"),
+    ("Bind 127.0.0.1, or pass allow_remote_bind=True if you really mean it.",
+     "Bind 127.0.0.1, or add --allow-remote if you really mean it."),
+    ("a.jpg is 11.2 MB; the service accepts at most 10 MB. Pass downscale=True to resize it to a 2560 px long side",
+     "Add --downscale to resize it to a 2560 px long side"),
+    ("No API key for https://x. Set SKINLAB_API_KEY (or YOUCAM_API_KEY), or pass api_key=.",
+     "Set SKINLAB_API_KEY (or YOUCAM_API_KEY)."),
+])
+def test_cli_rewords_python_advice(library, cli):
+    from skinlab.cli import _cli_text
+
+    assert cli in _cli_text(library)
+    assert _cli_text("nothing to change here: skinlab.Ledger, force") == "nothing to change here: skinlab.Ledger, force"

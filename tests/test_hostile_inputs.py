@@ -317,7 +317,7 @@ NORMALISED = [
      [r"^flattened transparency onto white \(25% of the pixels"], "image/png"),
     ("png-named-jpg", lambda: encode(Image.new("RGB", (480, 640), (1, 2, 3)), "PNG"), "really_png.jpg", [],
      "image/png"),
-    ("jpeg-with-gps", lambda: _exif_jpeg(1), "gps.jpg", [r"^removed metadata \(EXIF/XMP\): GPS position"],
+    ("jpeg-with-gps", lambda: _exif_jpeg(1), "gps.jpg", [r"^removed metadata before upload: EXIF \(with GPS position\)$"],
      "image/jpeg"),
 ]
 

@@ -1,5 +1,7 @@
 """Tags for the ledger: CSV sheets and file-name patterns, and applying them to ledger rows."""
 
+import re
+
 import pandas as pd
 import pytest
 
@@ -111,3 +113,85 @@ def test_submit_with_a_pattern_and_conflicting_tags_on_reuse(tmp_path, local_ser
         led.submit(client, photo, ["acne"], tags=FilenamePattern("{subject}-{timepoint}.jpg"))
     assert len(led) == 1  # a tag error stops before anything is recorded or sent
     led.close()
+
+
+def test_sheet_that_cannot_be_read_is_a_tag_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TagError, match=r"No tag sheet at 'nofile.csv': there is no such file \(relative paths "
+                                       r"start at '.*'\)"):
+        TagSheet.from_csv("nofile.csv")
+    with pytest.raises(TagError, match="is a folder, not a tag sheet"):
+        TagSheet.from_csv(tmp_path)
+    binary = tmp_path / "photo.csv"
+    binary.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01" + bytes(range(256)))
+    with pytest.raises(TagError, match=r"'photo.csv' is a binary file, not a CSV text file\. Save it"):
+        TagSheet.from_csv("photo.csv")
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("filename,subject\nS01_T0.jpg,Zoë\n".encode("cp1252"))
+    with pytest.raises(TagError, match=r"'latin.csv' is not UTF-8 text \(byte 0xeb on line 2 is not valid\)"):
+        TagSheet.from_csv("latin.csv")
+    assert TagSheet.from_csv("latin.csv", encoding="cp1252")("S01_T0.jpg") == {"subject": "Zoë"}
+    workbook = tmp_path / "tags.csv"
+    workbook.write_bytes(b"PK\x03\x04" + b"\x14\x00" * 40)
+    with pytest.raises(TagError, match="spreadsheet workbook .* not a CSV file"):
+        TagSheet.from_csv(workbook)
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(TagError, match="is empty: a tag sheet needs a header row"):
+        TagSheet.from_csv("empty.csv")
+    utf16 = tmp_path / "unicode.txt"  # Excel's "Unicode text": UTF-16 with a byte-order mark, tab-separated
+    utf16.write_bytes("filename\tsubject\nS01_T0.jpg\tS01\n".encode("utf-16"))
+    assert TagSheet.from_csv(utf16)("S01_T0.jpg") == {"subject": "S01"}
+
+
+def test_pattern_without_extension_matches_the_stem():
+    pat = FilenamePattern("{subject}_{timepoint}")
+    assert pat("photos/S01_T0.jpg") == {"subject": "S01", "timepoint": "T0"}
+    assert pat("S01_T0.PNG") == {"subject": "S01", "timepoint": "T0"}
+    assert pat("S01_T0") == {"subject": "S01", "timepoint": "T0"}  # no extension at all
+    assert FilenamePattern("{site}/{subject}")("/data/clinicA/S01.jpg") == {"site": "clinicA", "subject": "S01"}
+    assert FilenamePattern("{subject}.*")("S01.jpg") == {"subject": "S01"}  # one that covers the extension itself
+    assert FilenamePattern("{subject}_{timepoint}.jpg")("S01_T0.jpg")["timepoint"] == "T0"
+
+
+@pytest.mark.parametrize("pattern, first, second, fixed", [
+    ("{subject}{timepoint}.jpg", "subject", "timepoint", "{subject}_{timepoint}.jpg"),
+    ("{site}/{subject}{visit}", "subject", "visit", "{site}/{subject}_{visit}"),
+    ("{subject}*{timepoint}.jpg", "subject", "timepoint", "{subject}_{timepoint}.jpg"),
+])
+def test_adjacent_fields_refused(pattern, first, second, fixed):
+    with pytest.raises(TagError) as info:
+        FilenamePattern(pattern)
+    text = str(info.value)
+    assert f"puts {{{first}}} and {{{second}}} side by side with no separator" in text
+    assert f"e.g. {fixed!r}" in text and "its own regular expression" in text
+    FilenamePattern(fixed)
+
+
+def test_adjacent_fields_with_their_own_expression_allowed():
+    assert FilenamePattern(r"{subject:S\d+}{timepoint}.jpg")("S01T0.jpg") == {"subject": "S01", "timepoint": "T0"}
+    assert FilenamePattern(r"{subject}{timepoint:T\d}.jpg")("S01T0.jpg") == {"subject": "S01", "timepoint": "T0"}
+
+
+@pytest.mark.parametrize("pattern, names, why", [
+    ("{subject}-{timepoint}.jpg", ["S01_T0.jpg", "S01_T1.jpg", "S02-T0.jpg"],
+     "the pattern needs '-' after {subject}, and 'S01_T0.jpg' has none there"),
+    ("{subject}_{timepoint}.png", ["S01_T0.jpg"],
+     "the pattern needs the name to end in '.png' (any case), and 'S01_T0.jpg' does not"),
+    (r"{subject:P\d+}_{timepoint}.jpg", ["S01_T0.jpg"],
+     r"the pattern needs text matching {subject:P\d+} at the start, and 'S01_T0.jpg' has none"),
+    ("visit_{subject}.jpg", ["S01.jpg"], "the pattern needs 'visit_' at the start, and 'S01.jpg' has none there"),
+    (r"{subject}_{timepoint:T\d}.jpg", ["S01_T0x.jpg"],
+     r"the pattern needs '.jpg' right after {timepoint:T\d}, and 'S01_T0x.jpg' has none there"),
+])
+def test_mismatch_names_one_file_and_what_the_pattern_needs(pattern, names, why):
+    pat = FilenamePattern(pattern)
+    bad = [n for n in names if pat.match(n) is None]
+    with pytest.raises(TagError) as info:
+        pat.check(names)
+    text = str(info.value)
+    assert text.startswith(f"{len(bad)} file(s) do not fit {pattern!r}: {', '.join(bad)}. ")
+    assert f"For example, {why}. Rename the files or change the pattern." in text
+    assert pat.why_not(names[0]) == why
+    with pytest.raises(TagError, match=re.escape(why)):
+        pat(names[0])
+    assert pat.why_not("S01-T0.jpg" if "-" in pattern else "x") != why
