@@ -957,3 +957,20 @@ def test_app_is_plain_wsgi_and_builds_urls_from_the_host_header():
         httpd.shutdown()
         httpd.server_close()
         app.close()
+
+
+def test_emulator_fetches_loopback_urls_without_the_environment_proxy(local_server, static_site, monkeypatch):
+    """http_proxy pointing at a dead port (a university network's setting) must not stop the
+    emulator fetching a src_file_url on this machine; other hosts would still use the proxy."""
+    from skinlab.local import server as srv
+
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    body = local_server.app._download(static_site + "/photos/face.jpg")
+    assert body is not None and body[:2] == b"\xff\xd8"
+    # a non-loopback host goes to the (dead) proxy and fails like any unreachable source
+    request = srv.urllib.request.Request("http://photos.example.invalid/face.jpg")
+    with pytest.raises(srv.urllib.error.URLError, match="Connection refused"):
+        srv._urlopen(request, timeout=5)

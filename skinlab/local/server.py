@@ -107,6 +107,20 @@ class LatencyModel:
         return seconds * self.time_scale
 
 
+#: An opener that ignores proxy settings: loopback targets are reached directly.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _urlopen(request: urllib.request.Request, *, timeout: float):
+    """``urlopen``, but never through a proxy for a loopback host (http_proxy in the
+    environment would otherwise send the emulator's own fetches of 127.0.0.1 to the proxy)."""
+    from . import _is_loopback
+
+    host = (urlsplit(request.full_url).hostname or "").strip("[]").lower()
+    opener = _DIRECT if _is_loopback(host) else urllib.request.build_opener()
+    return opener.open(request, timeout=timeout)
+
+
 class Faults:
     """Per-server fault injection, so parallel tests do not interfere.
 
@@ -1188,7 +1202,7 @@ class SkinlabApp:
             return None
         try:
             request = urllib.request.Request(url, headers={"User-Agent": "skinlab-local-emulator"})
-            with urllib.request.urlopen(request, timeout=self.config.download_timeout_s) as resp:
+            with _urlopen(request, timeout=self.config.download_timeout_s) as resp:
                 if not 200 <= resp.status < 300:
                     return None
                 return resp.read(self.config.max_upload_bytes + 1)
@@ -1222,7 +1236,7 @@ class SkinlabApp:
                 "Content-Type": "application/json", "webhook-id": msg_id,
                 "webhook-timestamp": stamp, "webhook-signature": f"v1,{signature}"})
             try:
-                with urllib.request.urlopen(request, timeout=10) as resp:
+                with _urlopen(request, timeout=10) as resp:
                     if 200 <= resp.status < 300:
                         return
             except (OSError, urllib.error.URLError) as exc:
