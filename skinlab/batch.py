@@ -9,8 +9,13 @@ a task (not for those the ledger already holds), and given back when a task fail
 slot or create call is still refused with HTTP 429 after the client's retries (nothing was
 created) is tried again after a pause, a few times, instead of failing. The backend (cloud or
 local) is stated on the progress bar, in the log at the start and in the summary. Ctrl-C stops
-starting new images; everything already sent is recorded and :meth:`Ledger.resume` picks up
-tasks still running.
+starting new images, and the images in flight stop at their next step (within
+:data:`STOP_GRACE_S`), so nothing goes on behind the returned report: one not yet created is
+recorded ``interrupted`` (nothing billed; the next run submits it), one whose task exists is
+left ``running`` with its task id (:meth:`Ledger.resume` or the next run collects it; a local
+one whose emulator has gone with its process is analysed again, free). Several processes may
+run batches on one ledger at once, also each with its own embedded local emulator (see the
+ledger's guarantees): an image another process is analysing is waited for, and reused.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ FATAL = (errors.AuthenticationError, errors.InsufficientCreditsError, errors.Con
 REQUEUES_AFTER_429 = 3
 #: Images listed one by one in a dry run's summary (``report.frame()`` has them all).
 LISTED_IN_DRY_RUN = 20
+#: Seconds Ctrl-C waits for the images in flight to stop at their next step.
+STOP_GRACE_S = 15.0
 
 
 class _OverBudget(Exception):
@@ -77,15 +84,20 @@ class BatchItem:
     ----------
     outcome : str
         ``done``, ``reused``, ``failed`` (also an ambiguous create: ``status`` is then
-        ``"ambiguous"``), ``skipped``, ``interrupted``; ``running`` while in flight (and after
-        Ctrl-C). In a dry run: ``planned`` (would be sent), ``reused``, ``held`` (the ledger holds
-        an ambiguous, running or in-progress submission of it, so nothing would be sent; the
-        decision is in ``reason``) or ``skipped``.
+        ``"ambiguous"``), ``skipped``, ``interrupted`` (not started, or stopped by Ctrl-C before
+        its task was created: nothing billed); ``running`` while in flight, and after Ctrl-C for
+        an image whose task was created (left running, its id kept). In a dry run: ``planned``
+        (would be sent), ``reused``, ``held`` (the ledger holds an ambiguous, running or
+        in-progress submission of it, so nothing would be sent; the decision is in ``reason``) or
+        ``skipped``.
     status : str or None
         The ledger row's status.
     units : int
         Units billed (``done``), the estimated cost (``planned``), or the most an ambiguous create
         may have been billed (``status == "ambiguous"``); 0 otherwise.
+    note : str or None
+        For ``done``: why an image the ledger already had was analysed again (local only: another
+        engine version, or its task lost with its emulator); for ``planned``, likewise.
     """
 
     index: int
@@ -96,6 +108,7 @@ class BatchItem:
     units: int = 0
     error: str | None = None
     reason: str | None = None
+    note: str | None = None
 
     @property
     def ambiguous(self) -> bool:
@@ -155,6 +168,9 @@ class BatchReport:
                              f"{', '.join(f'{k} {n}' for k, n in sorted(held.items()))}; nothing would be sent)")
             if self.balance is not None and self.balance < self.units_estimated:
                 lines.append("  the balance is too low for all of them")
+            again = Counter(i.note for i in self.items if i.outcome == "planned" and i.note)
+            for why, n in sorted(again.items()):
+                lines.append(f"  would analyse again {n}: {why}")
             planned = [i for i in self.items if i.outcome == "planned"]
             if planned:
                 lines.append("  would send:")
@@ -166,9 +182,12 @@ class BatchReport:
                      f"  done {self.count('done')}, reused {self.count('reused')} (no new task), "
                      f"failed {self.count('failed')}, skipped {self.count('skipped')}"
                      + (f", not started {self.count('interrupted')}" if self.count("interrupted") else "")
-                     + (f", still in flight {self.count('running')} (the ledger records how they end)"
-                        if self.count("running") else ""),
+                     + (f", left running {self.count('running')} (their tasks exist: ledger.resume(client) or the "
+                        "next run collects them)" if self.count("running") else ""),
                      f"  units spent {self.units_spent}"]
+            again = Counter(i.note for i in self.items if i.outcome == "done" and i.note)
+            for why, n in sorted(again.items()):
+                lines.append(f"  analysed again {n}: {why}")
             if self.ambiguous:
                 lines.append(f"  ambiguous {len(self.ambiguous)} (may be billed up to {self.units_at_risk} units; "
                              "never re-sent: see next_step in ledger.submissions(status='ambiguous'), then "
@@ -290,7 +309,7 @@ def analyze_many(images: Any, actions: str | Iterable[str] = "all", *, ledger=No
 
 
 #: A dry run's names for the ledger decisions that send nothing (``Lookup.decision``).
-_HELD = {"attach": "running", "ambiguous": "ambiguous", "busy": "busy"}
+_HELD = {"attach": "running", "wait": "running", "ambiguous": "ambiguous", "busy": "busy"}
 
 
 def _dry_run(report: BatchReport, sources, names, ledger, client, tags, force, options, *,
@@ -314,6 +333,7 @@ def _dry_run(report: BatchReport, sources, names, ledger, client, tags, force, o
                           f"max_units={max_units}")
         else:
             item.outcome, item.units = "planned", decision.units
+            item.note = decision.rerun
             total += decision.units
     report.units_estimated = total
     try:
@@ -331,6 +351,7 @@ def _run(report: BatchReport, sources, names, ledger, client, tags, force, optio
     bar = _progress(len(sources), progress, client.backend)
     budget_lock = threading.Lock()
     committed = [0]  # units reserved by images creating a task (kept when billed or maybe billed)
+    halt = threading.Event()  # Ctrl-C: the images in flight stop at their next step too
 
     def notify(item: BatchItem) -> None:
         if on_update is not None:
@@ -356,7 +377,7 @@ def _run(report: BatchReport, sources, names, ledger, client, tags, force, optio
             return None
 
     def attempt(item: BatchItem, src: Any) -> BatchItem:
-        if stop.is_set():
+        if stop.is_set() or halt.is_set():
             item.outcome = "interrupted"
             return item
         held = [0]  # units this image reserved (only when the ledger decides to create a task)
@@ -379,7 +400,7 @@ def _run(report: BatchReport, sources, names, ledger, client, tags, force, optio
         while True:
             try:
                 sub = ledger.submit(client, src, names, tags=tags, force=force, wait=True, timeout=timeout,
-                                    reserve=reserve, **options)
+                                    reserve=reserve, cancel=halt, **options)
                 break
             except _OverBudget as over:
                 item.outcome, item.reason = "skipped", "max_units"
@@ -404,7 +425,7 @@ def _run(report: BatchReport, sources, names, ledger, client, tags, force, optio
                     requeued += 1
                     log.info("%s: still rate-limited (HTTP 429) with no task created; trying again in %.1f s "
                              "(%d of %d)", item.label, pause, requeued, REQUEUES_AFTER_429)
-                    if stop.wait(pause):
+                    if stop.wait(pause) or halt.is_set():
                         item.outcome = "interrupted"
                         return item
                     continue
@@ -419,55 +440,83 @@ def _run(report: BatchReport, sources, names, ledger, client, tags, force, optio
         if sub.status == "success":
             item.outcome = "reused" if sub.reused else "done"
             item.units = 0 if sub.reused else (sub.units_charged or 0)
+            item.note = None if sub.reused else sub.rerun
+        elif halt.is_set() and (sub.error_code == "interrupted" or (
+                sub.reused and sub.status in ("running", "timeout", "queued", "uploading"))):
+            # Ctrl-C before its task was created (nothing billed), or while waiting for another's
+            item.outcome, item.error = "interrupted", sub.error_message or sub.note or None
+        elif halt.is_set() and sub.status in ("running", "timeout"):
+            item.outcome = "running"  # Ctrl-C while polling: the task exists, its id is kept
         else:
             item.outcome = "failed"
             item.reason = sub.error_code or sub.status
             if sub.status == "ambiguous":
                 item.units = sub.units_estimated or 0  # the most it may have been billed
-            item.error = (sub.note if sub.reused and sub.note else
-                          _sentences(sub.error_message, sub.next_step) or sub.status)
+            if sub.reused and sub.status in ("running", "timeout", "queued", "uploading"):
+                item.reason = "busy"  # waited for another process's submission until the timeout
+            if sub.reused and sub.status in ("ambiguous", "running", "timeout", "queued", "uploading"):
+                item.error = sub.note or sub.status  # what stopped this call (it names the next step)
+            else:
+                item.error = _sentences(sub.error_message, sub.next_step) or sub.note or sub.status
         return item
+
+    def collect(fut: Future, item: BatchItem) -> None:
+        """Record a finished image: its failure if the worker raised, its id, the progress bar."""
+        exc = fut.exception()
+        if exc is not None:
+            if isinstance(exc, FATAL):
+                item.outcome, item.error, item.reason = "failed", str(exc), exc.code or type(exc).__name__
+                report.stopped = f"{type(exc).__name__}: {exc}"
+                stop.set()
+            else:
+                item.outcome, item.error, item.reason = "failed", f"{type(exc).__name__}: {exc}", "bug"
+                log.error("unexpected error on %s", item.label, exc_info=exc)
+            notify(item)
+        if item.submission_id is not None:
+            report.ids.append(item.submission_id)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"{item.label}: {item.outcome}", refresh=False)
 
     pool = ThreadPoolExecutor(max_workers=max(1, max_workers), thread_name_prefix="skinlab-batch")
     pending: dict[Future, BatchItem] = {}
-    interrupted = False
     try:
         for item, src in zip(report.items, sources):
             pending[pool.submit(work, item, src)] = item
         while pending:
             done, _ = wait(list(pending), timeout=0.25, return_when=FIRST_COMPLETED)
             for fut in done:
-                item = pending.pop(fut)
-                exc = fut.exception()
-                if exc is not None:
-                    if isinstance(exc, FATAL):
-                        item.outcome, item.error, item.reason = "failed", str(exc), exc.code or type(exc).__name__
-                        report.stopped = f"{type(exc).__name__}: {exc}"
-                        stop.set()
-                    else:
-                        item.outcome, item.error, item.reason = "failed", f"{type(exc).__name__}: {exc}", "bug"
-                        log.error("unexpected error on %s", item.label, exc_info=exc)
-                    notify(item)
-                if item.submission_id is not None:
-                    report.ids.append(item.submission_id)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix_str(f"{item.label}: {item.outcome}", refresh=False)
+                collect(fut, pending.pop(fut))
     except KeyboardInterrupt:
-        interrupted = True
+        halt.set()
         stop.set()
-        report.stopped = ("interrupted (Ctrl-C): no new images were started; tasks already created are "
-                          "recorded, and ledger.resume(client) finishes them")
-        for fut, item in pending.items():
+        report.stopped = ("interrupted (Ctrl-C): no new images were started and those in flight stopped at their "
+                          "next step: an image whose task was not yet created is recorded as interrupted (not "
+                          "billed) and the next run submits it; tasks already created are kept running, and "
+                          "ledger.resume(client) or the next run collects them")
+        for fut, item in list(pending.items()):
             if fut.cancel():
                 item.outcome = "interrupted"
+                pending.pop(fut)
+        # The workers in flight were told to stop at their next step: wait for them, so that none
+        # goes on behind the report (the process may be about to exit, taking an embedded local
+        # emulator with it; a request sent then would fail and be recorded as a false error).
+        try:
+            wait(list(pending), timeout=STOP_GRACE_S)
+        except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
+            pass
+        for fut, item in list(pending.items()):
+            if fut.done():
+                collect(fut, pending.pop(fut))
+        if pending:
+            log.warning("%d image(s) still in flight after Ctrl-C; they stop at their next step and the ledger "
+                        "records where they stopped.", len(pending))
     finally:
-        # After Ctrl-C, do not block: workers still polling record their outcome when it comes.
-        pool.shutdown(wait=not interrupted, cancel_futures=True)
+        pool.shutdown(wait=False, cancel_futures=True)
         if bar is not None:
             bar.close()
         for item in report.items:
-            # Not started: interrupted. Started: its worker goes on and the ledger records the outcome.
+            # Not started: interrupted.
             if item.outcome == "pending" and stop.is_set():
                 item.outcome = "interrupted"
         report.elapsed_s = time.monotonic() - t0

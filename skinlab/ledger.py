@@ -49,6 +49,23 @@ Guarantees
   uploaded by a live process is not touched by others; a row left by a dead process is marked
   ``interrupted`` (nothing was billed) and submitted afresh. A warning is given when the file
   is on a network file system or in a cloud-synced folder, where SQLite locking is unreliable.
+  Opening a path where no ledger exists creates an empty one, logged at INFO and told by
+  :attr:`Ledger.created` (a mistyped path otherwise just shows empty tables).
+* **Local tasks live in one emulator.** Each process's embedded emulator has its own port and
+  its own tasks, and the ``owner`` of a running row (host, pid, a per-process token) is the
+  process whose emulator holds its task; while it polls the task it refreshes the row's
+  heartbeat (``updated_at``, every :data:`HEARTBEAT_S`). A running local row whose base URL is
+  not the client's is never polled through the client's emulator (which would not know it): if
+  its owner is alive and its heartbeat fresh (:data:`HEARTBEAT_STALE_S`), the submit waits for
+  it through the ledger (within its ``timeout``) and reuses the success; otherwise (crashed
+  process, emulator gone) the row is closed as ``error``/``task_lost`` and the image is analysed
+  again, since local tasks are free. A local task that its own emulator no longer knows
+  (restarted) is analysed again the same way, once. Cloud tasks stay valid for 24 h after
+  completion and are always resumed by polling; none of this applies to them.
+* **One local engine version per reuse.** A recorded local success is reused only when its
+  ``engine`` (version and face backend, as the emulator reports it; a client that has not
+  talked to the emulator yet asks it, for free) is the current one; otherwise the image is
+  analysed again (free) and :attr:`Submission.rerun` says why. Cloud reuse does not look at it.
 * **The API key is never stored**, nor sent anywhere but the service.
 
 Statuses
@@ -92,8 +109,10 @@ task_state         the service's last answer: running, success or error
 completed_at       when the outcome was recorded
 last_polled_at     the last poll
 error_code         engine code (``error_no_face``), HTTP ``error_code``, or a ledger code
-                   (``interrupted``, ``create_unconfirmed``, ``create_fate_unknown``,
-                   ``task_expired``, ``task_lost``, ``download_failed``, ``not_created``)
+                   (``interrupted``: stopped before a task was created, nothing billed;
+                   ``create_unconfirmed``, ``create_fate_unknown``, ``task_expired``;
+                   ``task_lost``: a local task lost with its emulator, free, analysed again;
+                   ``download_failed``, ``not_created``)
 error_message      what happened (never contains the API key)
 next_step          what to do about this row (None when nothing)
 request_ids        x-request-id values seen, comma-separated
@@ -131,11 +150,16 @@ Local-engine and cloud scores measure different things: :meth:`Ledger.scores` an
 ``backend=`` selects one or ``allow_mixed=True`` is passed (the ``backend`` column then tells
 them apart).
 
-De-identified exports (``deidentify=True``) drop ``image_name``, ``image_path``,
-``source_key``, ``file_id``, ``task_id``, ``request_ids``, ``result_dir``, ``base_url``,
-``error_message``, ``next_step`` and ``preflight``; with ``salt=`` the SHA-256 is replaced by
-HMAC-SHA256(salt, sha256), so the photos cannot be matched to rows without the salt. Free tags
-are kept: do not put names in them.
+De-identified exports (``deidentify=True``) drop the columns of :data:`DEIDENTIFIED_DROP`:
+those that lead back to the photo (``image_name``, ``image_path``, ``image_sha256`` and
+``image_size``: anyone holding the photos can hash them or compare their sizes, ``source_key``,
+``file_id``, ``result_dir``), those that lead to the account's task history (``task_id``,
+``request_ids``, ``base_url``) and free text that may quote either (``error_message``,
+``next_step``, ``preflight``). With ``salt=``, ``image_sha256`` is kept as
+HMAC-SHA256(salt, sha256), a pseudonym: rows of one photo still match each other, and only
+someone with the salt can match them to the photos. Kept: the times (``created_at`` ...; with
+console access they could be matched to the account's task history), the pixel size, the
+backend, engine, scores and tags. Free tags are kept: do not put names in them.
 """
 
 from __future__ import annotations
@@ -195,8 +219,8 @@ SCORE_COLUMNS = [
 ]
 WIDE_INDEX = ["submission_id", "created_at", "image_name", "image_sha256", "subject", "timepoint", "condition",
               "backend", "engine", "tier"]
-DEIDENTIFIED_DROP = ("image_name", "image_path", "source_key", "file_id", "task_id", "request_ids", "result_dir",
-                     "base_url", "error_message", "next_step", "preflight")
+DEIDENTIFIED_DROP = ("image_name", "image_path", "image_sha256", "image_size", "source_key", "file_id", "task_id",
+                     "request_ids", "result_dir", "base_url", "error_message", "next_step", "preflight")
 _TIME_COLUMNS = ("created_at", "updated_at", "task_created_at", "completed_at", "last_polled_at")
 
 #: Task ids live 24 h after completion (§8.5).
@@ -369,10 +393,64 @@ def _owner() -> str:
     return f"{_HOST}:{os.getpid()}:{_PROCESS_TOKEN}"
 
 
+def _parse_owner(owner: str | None) -> tuple[str, int, str] | None:
+    try:
+        host, pid_text, token = (owner or "").rsplit(":", 2)
+        return host, int(pid_text), token
+    except ValueError:
+        return None
+
+
+def _describe_owner(owner: str | None) -> str:
+    parsed = _parse_owner(owner)
+    if parsed is None:
+        return "a process that recorded no owner (an older skinlab)"
+    host, pid, _ = parsed
+    return f"process {pid}" + ("" if host == _HOST else f" on {host}")
+
+
+#: How often a process polling a task refreshes its row's heartbeat (``updated_at``), seconds.
+HEARTBEAT_S = 5.0
+#: A ``running`` local row whose heartbeat is older than this is no longer being worked on,
+#: even if its process is alive (it stopped polling: ``wait=False``, a timeout, Ctrl-C).
+HEARTBEAT_STALE_S = 60.0
+
+#: (ledger path, submission id) -> how many threads of this process poll that task now.
+_DRIVEN: dict[tuple[str, int], int] = {}
+_DRIVEN_LOCK = threading.Lock()
+
+
+def _is_driven(path: Path, sid: int) -> bool:
+    with _DRIVEN_LOCK:
+        return _DRIVEN.get((str(path), int(sid)), 0) > 0
+
+
 def _fmt_time(epoch: float | None) -> str:
     if epoch is None:
         return "an unknown time"
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
+
+
+def _sentences(*parts: str | None) -> str:
+    """Join message parts as sentences."""
+    out = []
+    for p in parts:
+        if p and p.strip():
+            p = p.strip()
+            out.append(p if p[-1:] in ".!?" else p + ".")
+    return " ".join(out)
+
+
+def _rerun_texts(old_id: int, phrase: str) -> tuple[str, str]:
+    """(note, rerun) for an image analysed again instead of reusing submission ``old_id``.
+
+    ``phrase`` continues "Submission N" ("was recorded with engine ..." or "'s task was ...");
+    ``rerun`` says the same without the id, so that alike reasons can be counted.
+    """
+    tail = ": analysed again (local, free)"
+    note = f"Submission {old_id}{'' if phrase.startswith(chr(39)) else ' '}{phrase}{tail}."
+    rerun = (phrase[4:] if phrase.startswith("was ") else "its" + phrase[2:]) + tail
+    return note, rerun
 
 
 def _json_list(text: str | None) -> list:
@@ -500,8 +578,12 @@ def load_result(folder: str | os.PathLike):
 
 
 def deidentify(df, *, salt: str | bytes | None = None):
-    """A copy of a ledger table without names, paths or service ids (see the module docstring)."""
-    out = df.drop(columns=[c for c in DEIDENTIFIED_DROP if c in df.columns])
+    """A copy of a ledger table without the columns of :data:`DEIDENTIFIED_DROP`: names, paths,
+    the photo's SHA-256 and byte size (either finds the photo it came from), service ids and
+    free text (see the module docstring). With ``salt``, ``image_sha256`` is kept as
+    HMAC-SHA256(salt, sha256): rows of one photo still match, and only the salt links them back."""
+    keep = {"image_sha256"} if salt is not None else set()
+    out = df.drop(columns=[c for c in DEIDENTIFIED_DROP if c in df.columns and c not in keep])
     if salt is not None and "image_sha256" in out.columns:
         key = salt.encode() if isinstance(salt, str) else bytes(salt)
         cache: dict[str, str] = {}
@@ -533,6 +615,10 @@ def _next_step(row: Mapping[str, Any], *, live: bool | None = None) -> str | Non
         if code == "download_failed":
             return ("The task succeeded (billed) but its results were not saved: ledger.resume(client) polls "
                     "again for fresh result URLs (task ids live 24 h).")
+        if row.get("backend_key") == "local":
+            return ("Its task lives in the local emulator at " + str(row.get("base_url")) + ": a client of that "
+                    "emulator collects it (ledger.resume(client)). If that emulator is gone, the next submit of the "
+                    "image analyses it again (local tasks are free).")
         return "ledger.resume(client) collects the outcome (task ids stay valid 24 h after completion)."
     if status == "ambiguous":
         if code == "create_unconfirmed" and live:
@@ -550,7 +636,10 @@ def _next_step(row: Mapping[str, Any], *, live: bool | None = None) -> str | Non
         if code in ("interrupted", "not_created"):
             return "Nothing was billed: submit it again."
         if code == "task_lost":
-            return "The local emulator no longer knows this task (it was restarted): submit again (free)."
+            if "analysed again as submission" in (row.get("error_message") or ""):
+                return "Nothing to do: the image was analysed again (see error_message for the new submission)."
+            return ("Local tasks are free: submit the image again (ledger.submit and analyze_many do so "
+                    "by themselves).")
         if code == "lost_billed":
             return "Billed but unrecoverable: submit(..., force=True) to measure again."
         hint = errors.task_error_for(code).hint if row["task_id"] else ""
@@ -574,6 +663,10 @@ class Submission:
         was waited for, or an ambiguous/in-progress row stopped it.
     note : str
         What this call did, in words.
+    rerun : str or None
+        Why this call analysed again an image the ledger already had, when it did (local only:
+        the recorded success came from another engine version, or the recorded task was lost
+        with its local emulator); None otherwise.
 
     In a notebook it displays as HTML: the row (status, backend, engine, tags, units, next step)
     and, for a success, the saved score table; never an image or the file's name or path.
@@ -598,6 +691,7 @@ class Submission:
     row: dict[str, Any] = field(repr=False)
     reused: bool = False
     note: str = ""
+    rerun: str | None = None
     _cached: Any = field(default=None, repr=False)
 
     @property
@@ -676,12 +770,13 @@ class Submission:
 class Lookup:
     """The answer of :meth:`Ledger.lookup`: what a submit would do, without doing it."""
 
-    decision: str  # new | reuse | attach | ambiguous | busy
+    decision: str  # new | reuse | attach | wait | ambiguous | busy
     submission_id: int | None
     status: str | None
     units: int  # the task's cost (billed on success if a task is created)
     source_key: str
     note: str
+    rerun: str | None = None  # why a recorded image would be analysed again (local), as Submission.rerun
 
     @property
     def reusable(self) -> bool:
@@ -712,6 +807,12 @@ class Ledger:
         its process seems alive (or runs on another machine).
     warn_location : bool
         Warn when the file is on a network file system or in a cloud-synced folder.
+
+    Attributes
+    ----------
+    created : bool
+        True when this call created the ledger (no file, or one without a schema, was there):
+        also logged at INFO, since a mistyped path silently starts an empty study.
     """
 
     def __init__(self, path: str | os.PathLike = "ledger.sqlite", *, results_dir: str = "results",
@@ -720,7 +821,11 @@ class Ledger:
         self.root = self.path.parent
         self.results_dirname = results_dir.strip("/") or "results"
         self.lease_s = lease_s
+        self.created = False
         self._lock = threading.RLock()
+        self._driven: dict[int, int] = {}  # submission id -> threads of this Ledger polling it
+        self._heartbeat: threading.Thread | None = None
+        self._closed = threading.Event()
         self._code_cache: dict[str, dict[str, int]] = {}
         if warn_location:
             why = location_warning(self.path)
@@ -742,17 +847,87 @@ class Ledger:
                               LedgerLocationWarning, stacklevel=2)
             self._conn.execute("PRAGMA synchronous = FULL")
             self._conn.execute("PRAGMA foreign_keys = ON")
-            self._when_unlocked(self._migrate, deadline, "create or migrate its schema")
+            before = self._when_unlocked(self._migrate, deadline, "create or migrate its schema")
         except BaseException:
             self._conn.close()
             raise
+        self.created = before == 0
+        if self.created:
+            log.info("Created a new, empty ledger at %s (there was no ledger there). If you meant an existing study, "
+                     "check the path: this one holds no submissions.", self.path)
 
     # ---- plumbing
 
     def close(self) -> None:
         """Close the database connection."""
+        self._closed.set()
+        thread = self._heartbeat
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2 * HEARTBEAT_S)
         with self._lock:
             self._conn.close()
+
+    # ---- heartbeat: which running tasks this process is polling right now
+
+    @contextlib.contextmanager
+    def _driving(self, sids: Iterable[int], *, claim: bool = True) -> Iterator[None]:
+        """Mark ``sids`` as polled by this process (heartbeat refreshed) while inside; ``claim``
+        first makes this process their owner."""
+        sids = [int(s) for s in sids]
+        if claim:
+            owner = _owner()
+            with self._tx() as cur:
+                for sid in sids:
+                    self._set(cur, sid, guard_status=("running", "timeout"), owner=owner)
+        with _DRIVEN_LOCK:
+            for sid in sids:
+                self._driven[sid] = self._driven.get(sid, 0) + 1
+                key = (str(self.path), sid)
+                _DRIVEN[key] = _DRIVEN.get(key, 0) + 1
+            if self._heartbeat is None:
+                self._heartbeat = threading.Thread(target=self._beat, name="skinlab-ledger-heartbeat", daemon=True)
+                self._heartbeat.start()
+        try:
+            yield
+        finally:
+            with _DRIVEN_LOCK:
+                for sid in sids:
+                    for table, key in ((self._driven, sid), (_DRIVEN, (str(self.path), sid))):
+                        table[key] -= 1
+                        if table[key] <= 0:
+                            del table[key]
+
+    def _beat(self) -> None:
+        """Refresh ``updated_at`` of the rows this Ledger polls, every :data:`HEARTBEAT_S`."""
+        while not self._closed.wait(HEARTBEAT_S):
+            with _DRIVEN_LOCK:
+                sids = sorted(self._driven)
+                if not sids:  # nothing polled: stop (the next _driving starts another)
+                    self._heartbeat = None
+                    return
+            try:
+                with self._tx() as cur:
+                    cur.execute(f"UPDATE submissions SET updated_at = ? WHERE id IN ({','.join('?' * len(sids))}) "
+                                "AND status IN ('running', 'timeout')", [_now(), *sids])
+            except Exception as exc:  # a missed beat only makes others wait less
+                log.debug("ledger heartbeat failed: %s", exc)
+
+    def _working_elsewhere(self, row: Mapping[str, Any]) -> bool:
+        """Whether the process that owns this running local task is polling it now.
+
+        Its own emulator holds the task, so no other emulator can poll it. Alive means: this
+        process polls it (in any thread); or another process on this machine whose pid is alive
+        refreshed the row's heartbeat within :data:`HEARTBEAT_STALE_S`; or (another machine) the
+        heartbeat is that fresh.
+        """
+        parsed = _parse_owner(row.get("owner"))
+        if parsed is None:
+            return False
+        host, pid, token = parsed
+        if host == _HOST and pid == os.getpid():
+            return token == _PROCESS_TOKEN and _is_driven(self.path, row["id"])
+        fresh = _now() - float(row.get("updated_at") or 0) <= HEARTBEAT_STALE_S
+        return fresh and (host != _HOST or _pid_alive(pid))
 
     def __enter__(self) -> "Ledger":
         return self
@@ -820,11 +995,12 @@ class Ledger:
         with self._lock:
             return self._conn.execute(sql, tuple(params)).fetchall()
 
-    def _migrate(self) -> None:
+    def _migrate(self) -> int:
         """Bring the file to the newest schema version of :data:`_MIGRATIONS`, in one transaction.
 
         Each step whose version is above the file's runs in order and is recorded in
         ``schema_migrations`` and ``PRAGMA user_version``; if any step fails, nothing is changed.
+        Returns the version the file had (0: it was new).
         """
         latest = max(version for version, _, _ in _MIGRATIONS)
         with self._tx() as cur:
@@ -855,6 +1031,7 @@ class Ledger:
                 cur.execute("INSERT INTO schema_migrations VALUES (?, ?, ?, ?)",
                             (version, description, _now(), __version__))
                 cur.execute(f"PRAGMA user_version = {int(version)}")
+        return current
 
     def _codes(self, cur: sqlite3.Cursor, table: str, names: Iterable[str]) -> dict[str, int]:
         """Codes of ``names`` in ``action_names``/``region_names``, adding new names (inside a write tx)."""
@@ -1038,7 +1215,8 @@ class Ledger:
 
     def submit(self, client, source, actions, *, tags=None, force: bool = False, wait: bool = True,
                timeout: float | None = 300.0, raise_on_error: bool = False,
-               reserve: Callable[[int], Any] | None = None, **options) -> Submission:
+               reserve: Callable[[int], Any] | None = None, cancel: threading.Event | None = None,
+               **options) -> Submission:
         """Submit one image through the ledger and return its :class:`Submission`.
 
         Steps: plan and pre-flight (no network) → look up the same submission → record
@@ -1046,6 +1224,13 @@ class Ledger:
         → create → record ``running`` and the task id → poll → save the results in
         ``results/<id>`` and record the scores (``success``), or record the error, or
         ``timeout`` at the deadline (the task id is kept; :meth:`resume` continues).
+
+        Local backend only: a recorded success is reused only when its engine version is the
+        current one, and a recorded task that its local emulator lost (restarted, or gone with
+        the process that ran it) is closed as ``task_lost``; in both cases the image is analysed
+        again (local tasks are free) and :attr:`Submission.rerun` says why. A task running in
+        another live process's emulator is waited for through the ledger, never polled here.
+        Cloud tasks stay valid for 24 h and are always resumed by polling.
 
         Parameters
         ----------
@@ -1063,7 +1248,8 @@ class Ledger:
         wait : bool
             Wait for the outcome (default); False returns once the task is created.
         timeout : float or None
-            Seconds to wait for the outcome before recording ``timeout``.
+            Seconds to wait for the outcome before recording ``timeout`` (also bounds waiting
+            for another process's submission of the same image).
         raise_on_error : bool
             Raise the :class:`~skinlab.errors.TaskError` when the task fails (it is recorded
             either way). Errors before a task exists (upload, authentication, units) and
@@ -1075,6 +1261,11 @@ class Ledger:
             success, a running task or an ambiguous row never reaches it). Raise from it to stop:
             the exception propagates and nothing is recorded. :func:`skinlab.analyze_many` uses
             it for ``max_units``.
+        cancel : threading.Event, optional
+            Once set, stop at the next step: before the create call the row becomes
+            ``error``/``interrupted`` (nothing sent, nothing billed); after it the task is left
+            ``running`` (its id is kept: :meth:`resume` or the next submit collects it).
+            :func:`skinlab.analyze_many` sets it on Ctrl-C.
 
         Returns
         -------
@@ -1088,16 +1279,23 @@ class Ledger:
         fixed, free = split_tags(tags_for(tags, source))
         base_url, backend_key, dedup = self._identity(client, plan)
         deadline = None if timeout is None else time.monotonic() + timeout
+        lost: list[int] = []  # local tasks this call lost (emulator restarted): analysed again once
         while True:
-            decision, row = self._claim(client, plan, meta, fixed, free, base_url, backend_key, dedup, force,
-                                        reserve)
+            self._learn_engine(client, backend_key, dedup)
+            decision, row, why = self._claim(client, plan, meta, fixed, free, base_url, backend_key, dedup, force,
+                                             reserve, lost)
             if decision == "new":
                 try:
-                    return self._run_new(client, plan, row["id"], deadline, raise_on_error, wait)
+                    sub = self._run_new(client, plan, row["id"], deadline, raise_on_error, wait, cancel=cancel,
+                                        rerun=why, may_rerun=not lost)
                 except Exception as exc:
                     with contextlib.suppress(Exception):
                         exc.submission_id = row["id"]  # type: ignore[attr-defined]
                     raise
+                if sub is None:  # its local task was lost: analyse it again, once
+                    lost.append(row["id"])
+                    continue
+                return sub
             note = self._explain(decision, row)
             if decision == "reuse":
                 warnings.warn(note, LedgerReuseWarning, stacklevel=2)
@@ -1108,16 +1306,62 @@ class Ledger:
                 if wait:
                     handle = client.task(row["task_id"], api_version=row["api_version"],
                                          actions=_json_list(row["actions"]), format=row["format"])
-                    self._drive(client, {row["id"]: handle}, deadline, immediate=True)
+                    self._drive(client, {row["id"]: handle}, deadline, immediate=True, cancel=cancel)
+                    if not lost and self._lost_local(row["id"]):
+                        lost.append(row["id"])
+                        continue
                 return self._finish_call(row["id"], raise_on_error, reused=True, note=note)
             if decision == "ambiguous":
                 warnings.warn(note, LedgerReuseWarning, stacklevel=2)
                 return self._submission(self._row(row["id"]), reused=True, note=note)
-            # "busy": another live process is uploading it; wait for it to move on, then look again.
-            if not wait or (deadline is not None and time.monotonic() >= deadline):
+            # "busy" (another live process is uploading or creating it) or "wait" (its task runs in
+            # another live process's local emulator): wait for that row to move on, then decide again.
+            if not wait or (deadline is not None and time.monotonic() >= deadline) or (cancel and cancel.is_set()):
                 warnings.warn(note, LedgerReuseWarning, stacklevel=2)
                 return self._submission(self._row(row["id"]), reused=True, note=note)
-            time.sleep(0.2)
+            now = self._await_change(row, deadline, cancel)
+            if now is not None and now["status"] == "error" and now["task_id"] and \
+                    now["error_code"] not in ("task_lost", "interrupted", "not_created"):
+                # the other process's task ended in an error: that is this image's verdict too
+                note = (f"Submission {now['id']} of this image, analysed by another process, failed "
+                        f"({now['error_code']}); no second task was created.")
+                warnings.warn(note, LedgerReuseWarning, stacklevel=2)
+                return self._finish_call(now["id"], raise_on_error, reused=True, note=note)
+
+    def _await_change(self, row: Mapping[str, Any], deadline: float | None,
+                      cancel: threading.Event | None) -> dict[str, Any] | None:
+        """Sleep until ``row`` changes status (read-only), for at most about 2 s; the row then."""
+        until = time.monotonic() + 2.0
+        if deadline is not None:
+            until = min(until, deadline)
+        while True:
+            if cancel is not None:
+                if cancel.wait(0.2):
+                    return None
+            else:
+                time.sleep(0.2)
+            now = self._row(row["id"])
+            if now["status"] != row["status"] or now["error_code"] != row["error_code"] or time.monotonic() >= until:
+                return now
+
+    def _learn_engine(self, client, backend_key: str, dedup: str) -> None:
+        """Local backend: make sure ``client.engine`` is known before a recorded success is reused.
+
+        The emulator names its engine (version and face backend) in a header of every answer; a
+        client that has not talked to it yet asks for the unit balance (free) to learn it.
+        """
+        if backend_key != "local" or getattr(client, "engine", None) is not None:
+            return
+        if not self._read("SELECT 1 FROM submissions WHERE dedup_key = ? AND status = 'success' LIMIT 1", (dedup,)):
+            return
+        try:
+            client.credits()
+        except Exception as exc:  # informative only: without it, the recorded success is reused as before
+            log.debug("could not ask the local emulator for its engine version: %s", exc)
+
+    def _lost_local(self, sid: int) -> bool:
+        row = self._row(sid)
+        return row["status"] == "error" and row["error_code"] == "task_lost" and row["backend_key"] == "local"
 
     def _explain(self, decision: str, row: Mapping[str, Any]) -> str:
         sid, when = row["id"], _fmt_time(row["created_at"])
@@ -1127,6 +1371,10 @@ class Ledger:
         if decision == "attach":
             return (f"Submission {sid} already has task {str(row['task_id'])[:12]}... for this; waiting for it "
                     f"instead of creating another (no second bill).")
+        if decision == "wait":
+            return (f"Submission {sid} of this image is being analysed by another process "
+                    f"({_describe_owner(row.get('owner'))}) in its own local emulator ({row['base_url']}); "
+                    f"waiting for it through the ledger (this client's emulator cannot poll that task).")
         if decision == "ambiguous":
             return f"Submission {sid} is ambiguous, so nothing was sent. {_next_step(row)}"
         return (f"Submission {sid} of this image is being submitted by another process ({row['owner']}); "
@@ -1135,24 +1383,42 @@ class Ledger:
     _MATCH_SQL = ("SELECT * FROM submissions WHERE dedup_key = ? AND status IN (%s) ORDER BY id DESC"
                   % ",".join("?" * len(_BLOCKING)))
 
-    def _decide(self, rows: list[dict[str, Any]], engine: str | None, backend_key: str,
-                force: bool) -> tuple[str, dict[str, Any] | None]:
-        """What a submit of these matching rows' submission does: new, reuse, attach, ambiguous, busy."""
-        if not force:
-            for r in rows:
-                if r["status"] == "success" and not (backend_key == "local" and engine and r["engine"]
-                                                     and r["engine"] != engine):
-                    return "reuse", r
-            for r in rows:
-                if r["status"] in ("running", "timeout") and r["task_id"]:
-                    return "attach", r
-            for r in rows:
-                if r["status"] == "ambiguous":
-                    return ("busy" if self._in_progress(r) else "ambiguous"), r
-            for r in rows:
-                if r["status"] in ("queued", "uploading") and self._live(r):
-                    return "busy", r
-        return "new", None
+    def _decide(self, rows: list[dict[str, Any]], engine: str | None, backend_key: str, force: bool,
+                base_url: str | None = None):
+        """What a submit of these matching rows' submission does: new, reuse, attach, wait, ambiguous
+        or busy; with, for ``new``, the local running rows to close as lost and why the image is
+        analysed again (``(submission id, phrase)`` for :func:`_rerun_texts`, or None)."""
+        if force:
+            return "new", None, [], None
+        local = backend_key == "local"
+        why = None
+        for r in rows:
+            if r["status"] != "success":
+                continue
+            if not local or not engine or r["engine"] == engine:
+                return "reuse", r, [], None
+            if why is None:  # local, another engine version: its scores are not this engine's
+                why = (r["id"], f"was recorded with engine {r['engine'] or 'unknown'}, current is {engine}")
+        stale = []
+        for r in rows:
+            if r["status"] in ("running", "timeout") and r["task_id"]:
+                if local and base_url is not None and r["base_url"] != base_url:
+                    # the task lives in another local emulator, which this client cannot poll
+                    if self._working_elsewhere(r):
+                        return "wait", r, [], None
+                    stale.append(r)
+                    continue
+                return "attach", r, [], None
+        for r in rows:
+            if r["status"] == "ambiguous":
+                return ("busy" if self._in_progress(r) else "ambiguous"), r, [], None
+        for r in rows:
+            if r["status"] in ("queued", "uploading") and self._live(r):
+                return "busy", r, [], None
+        if stale and why is None:
+            why = (stale[0]["id"], f"'s task was in another local emulator ({stale[0]['base_url']}), gone with "
+                                   f"{_describe_owner(stale[0].get('owner'))}")
+        return "new", None, stale, why
 
     def _identity(self, client, plan) -> tuple[str, str, str]:
         base_url = _strip_userinfo(client.base_url)
@@ -1167,27 +1433,43 @@ class Ledger:
         Runs pre-flight (no network) and the ledger look-up. Returns a :class:`Lookup`:
         ``decision`` is ``"new"`` (a task would be created and billed ``units`` on success),
         ``"reuse"`` (a recorded success answers it; ``reusable`` is True), ``"attach"`` (its task
-        is running; it would be waited for), ``"ambiguous"`` (blocked until resolved) or
-        ``"busy"`` (another process is submitting it).
+        is running; it would be waited for), ``"wait"`` (its task runs in another live process's
+        local emulator; it would be waited for through the ledger), ``"ambiguous"`` (blocked
+        until resolved) or ``"busy"`` (another process is submitting it). The local backend may
+        ask the emulator for its engine version (free), to tell whether a success is reusable.
         """
         plan = client.plan(source, actions, **options)
-        _, backend_key, dedup = self._identity(client, plan)
+        base_url, backend_key, dedup = self._identity(client, plan)
+        self._learn_engine(client, backend_key, dedup)
         rows = [dict(r) for r in self._read(self._MATCH_SQL, (dedup, *_BLOCKING))]
-        decision, row = self._decide(rows, client.engine, backend_key, force)
+        decision, row, _, why = self._decide(rows, client.engine, backend_key, force, base_url)
+        rerun = None
+        if row:
+            note = self._explain(decision, row)
+        elif why:
+            note, rerun = _rerun_texts(*why)
+            note = "A new task would be created. " + note.replace("analysed again", "it would be analysed again")
+            rerun = rerun.replace("analysed again", "would be analysed again")
+        else:
+            note = "A new task would be created."
         return Lookup(decision=decision, submission_id=row["id"] if row else None,
                       status=row["status"] if row else None, units=plan.units, source_key=plan.source_key,
-                      note=self._explain(decision, row) if row else "A new task would be created.")
+                      note=note, rerun=rerun)
 
-    def _claim(self, client, plan, meta, fixed, free, base_url, backend_key, dedup, force, reserve=None):
+    def _claim(self, client, plan, meta, fixed, free, base_url, backend_key, dedup, force, reserve=None,
+               lost: Sequence[int] = ()):
         """Look up the submission and, if a new task is needed, insert its ``queued`` row — in one
         write transaction, so two processes cannot both decide to create. ``reserve(units)`` is
-        called just before the insert; if it raises, the transaction is rolled back."""
+        called just before the insert; if it raises, the transaction is rolled back. Returns
+        (decision, row, why the image is analysed again or None)."""
         now = _now()
         with self._tx() as cur:
             rows = [dict(r) for r in cur.execute(self._MATCH_SQL, (dedup, *_BLOCKING)).fetchall()]
-            decision, row = self._decide(rows, client.engine, backend_key, force)
+            decision, row, stale, why = self._decide(rows, client.engine, backend_key, force, base_url)
             if decision != "new":
-                return decision, row
+                return decision, row, None
+            if lost and why is None:
+                why = (lost[-1], "'s task was lost by its local emulator (restarted, or the task expired)")
             if reserve is not None:
                 reserve(plan.units)
             for r in rows:  # rows left by dead processes before any task existed
@@ -1207,9 +1489,22 @@ class Ledger:
             cols = ", ".join(values)
             cur.execute(f"INSERT INTO submissions ({cols}) VALUES ({', '.join('?' * len(values))})",
                         list(values.values()))
-            values["id"] = cur.lastrowid
+            values["id"] = new_id = cur.lastrowid
+            for r in stale:  # local tasks whose emulator went with their process: lost, and free to redo
+                self._set(cur, r["id"], guard_status=("running", "timeout"), status="error", error_code="task_lost",
+                          units_charged=0, completed_at=now, owner=None,
+                          error_message=f"Its task ran in the local emulator at {r['base_url']}, which is gone with "
+                                        f"{_describe_owner(r.get('owner'))} that ran it, and the task went with it. "
+                                        f"Local tasks are free: analysed again as submission {new_id}.")
+            for sid in lost:
+                old = cur.execute("SELECT error_message FROM submissions WHERE id = ?", (sid,)).fetchone()
+                self._set(cur, sid, guard_status=("error",),
+                          error_message=_sentences(old[0] if old else None,
+                                                   f"Local tasks are free: analysed again as submission {new_id}"))
         self._checkpoint("queued", values["id"])
-        return "new", values
+        if why:
+            log.info("submission %s: %s", values["id"], _rerun_texts(*why)[0])
+        return "new", values, why
 
     def _merge_tags(self, row: Mapping[str, Any], fixed: Mapping[str, str | None], free: Mapping[str, str]) -> None:
         """Fill tags missing on a reused row; warn (and keep the old ones) on a conflict."""
@@ -1237,16 +1532,33 @@ class Ledger:
                           f"recorded tags were kept. Change them with ledger.tag({row['id']}, ...).", UserWarning,
                           stacklevel=3)
 
-    def _run_new(self, client, plan, sid: int, deadline, raise_on_error: bool, wait: bool) -> Submission:
+    def _interrupt(self, sid: int) -> Submission:
+        """Cancelled before the create call: nothing was sent to create a task, nothing billed."""
+        self._update(sid, guard_status=("queued", "uploading"), status="error", error_code="interrupted",
+                     units_charged=0, owner=None,
+                     error_message="Stopped (interrupted) before a task was created; nothing was billed.")
+        self._checkpoint("interrupted", sid)
+        return self.get(sid)
+
+    def _run_new(self, client, plan, sid: int, deadline, raise_on_error: bool, wait: bool, *,
+                 cancel: threading.Event | None = None, rerun: tuple[int, str] | None = None,
+                 may_rerun: bool = False) -> Submission | None:
+        """Upload, create and (``wait``) poll the new row ``sid``. None when ``may_rerun`` and its
+        local task was lost while polling (the caller analyses the image again)."""
         owner = _owner()
+        note, rerun = _rerun_texts(*rerun) if rerun else ("", None)
         # 1. upload (free; safe to repeat)
         try:
+            if cancel is not None and cancel.is_set():
+                return self._interrupt(sid)
             if plan.kind == "upload":
                 self._update(sid, status="uploading", guard_status=("queued",))
                 self._checkpoint("uploading", sid)
                 file_id = client.upload_plan(plan)
                 self._update(sid, file_id=file_id)
                 self._checkpoint("uploaded", sid)
+            if cancel is not None and cancel.is_set():
+                return self._interrupt(sid)
             # 2. write-ahead: from here on, a crash leaves the row ambiguous, never re-sent.
             changed = self._update(
                 sid, guard_status=("queued", "uploading"), guard_owner=owner, status="ambiguous",
@@ -1282,18 +1594,27 @@ class Ledger:
                 return self._submission(row, note=note)
             raise
         self._checkpoint("created", sid)
-        self._update(sid, guard_status=("ambiguous",), status="running", task_id=task.task_id, task_state="running",
-                     error_code=None, error_message=None, engine=client.engine, backend=client.backend, owner=None,
-                     request_ids=[getattr(task, "request_id", None)])
-        self._checkpoint("running", sid)
-        if not wait:
-            return self.get(sid)
-        self._drive(client, {sid: task}, deadline, immediate=False)
-        return self._finish_call(sid, raise_on_error)
+        # The owner stays set: a local task lives in this process's emulator (see _working_elsewhere).
+        # When waiting, the row counts as polled from before it shows as running.
+        with self._driving([sid], claim=False) if wait else contextlib.nullcontext():
+            self._update(sid, guard_status=("ambiguous",), status="running", task_id=task.task_id,
+                         task_state="running", error_code=None, error_message=None, engine=client.engine,
+                         backend=client.backend, owner=owner, request_ids=[getattr(task, "request_id", None)])
+            self._checkpoint("running", sid)
+            if not wait:
+                sub = self.get(sid)
+                sub.note, sub.rerun = note, rerun
+                return sub
+            self._drive(client, {sid: task}, deadline, immediate=False, cancel=cancel)
+        if may_rerun and self._lost_local(sid):
+            return None
+        return self._finish_call(sid, raise_on_error, note=note, rerun=rerun)
 
-    def _finish_call(self, sid: int, raise_on_error: bool, *, reused: bool = False, note: str = "") -> Submission:
+    def _finish_call(self, sid: int, raise_on_error: bool, *, reused: bool = False, note: str = "",
+                     rerun: str | None = None) -> Submission:
         row = self._row(sid)
         sub = self._submission(row, reused=reused, note=note)
+        sub.rerun = rerun
         if row["status"] == "error" and row["task_id"] and raise_on_error:
             raise errors.task_error_for(row["error_code"], row["error_message"], task_id=row["task_id"])
         if row["status"] in ("timeout", "ambiguous") or (row["status"] == "running" and row["error_code"]):
@@ -1303,8 +1624,18 @@ class Ledger:
 
     # ---- polling and recording outcomes
 
-    def _drive(self, client, handles: dict[int, Any], deadline: float | None, *, immediate: bool) -> None:
-        """Poll ``handles`` (submission id -> Task) until each ends or the deadline passes."""
+    def _drive(self, client, handles: dict[int, Any], deadline: float | None, *, immediate: bool,
+               cancel: threading.Event | None = None) -> None:
+        """Poll ``handles`` (submission id -> Task) until each ends or the deadline passes.
+
+        While polling, this process owns the rows and refreshes their heartbeat. When ``cancel``
+        is set, polling stops and the rows stay ``running`` (their task ids are kept).
+        """
+        with self._driving(handles):
+            self._poll_until(client, handles, deadline, immediate=immediate, cancel=cancel)
+
+    def _poll_until(self, client, handles: dict[int, Any], deadline: float | None, *, immediate: bool,
+                    cancel: threading.Event | None) -> None:
         pending = dict(handles)
         delays = iter(client.poll_schedule.delays())
         first = immediate
@@ -1316,7 +1647,13 @@ class Ledger:
                     if remaining <= 0.01:
                         break
                     delay = min(delay, remaining - 0.01)
-                time.sleep(max(0.0, delay))
+                if cancel is not None:
+                    if cancel.wait(max(0.0, delay)):
+                        return  # stopped: the tasks stay running, their ids kept
+                else:
+                    time.sleep(max(0.0, delay))
+            elif cancel is not None and cancel.is_set():
+                return
             first = False
             for sid, handle in list(pending.items()):
                 try:
@@ -1346,7 +1683,8 @@ class Ledger:
         if row["backend_key"] == "local":
             self._update(sid, guard_status=("running", "timeout"), status="error", error_code="task_lost",
                          units_charged=0, completed_at=_now(), request_ids=[exc.request_id],
-                         error_message="The local emulator no longer knows this task (restarted or expired).")
+                         error_message="The local emulator no longer knows this task (it was restarted, or the "
+                                       "task expired).")
         else:
             self._update(sid, guard_status=("running", "timeout"), status="ambiguous", error_code="task_expired",
                          request_ids=[exc.request_id],
@@ -1400,6 +1738,9 @@ class Ledger:
 
         * ``queued``/``uploading`` rows whose process is gone are marked ``error``/``interrupted``
           (no task was created, nothing billed; submitting again is safe);
+        * local ``running`` rows whose task is in another local emulator are not polled here:
+          left alone while their process polls them, else closed as ``error``/``task_lost``
+          (local tasks are free; the next submit analyses the image again);
         * ``running`` and ``timeout`` rows of this client's backend are polled (immediately, then
           on the client's schedule until ``timeout``) and their outcomes recorded; results are
           downloaded with fresh URLs (each poll signs new ones, §8.5). An id the service no longer
@@ -1428,10 +1769,23 @@ class Ledger:
         handles: dict[int, Any] = {}
         rows = self._read("SELECT * FROM submissions WHERE status IN ('running','timeout') AND task_id IS NOT NULL "
                           "ORDER BY id")
-        skipped = 0
+        skipped = elsewhere = 0
+        base_url = _strip_userinfo(client.base_url)
         for r in rows:
             if r["backend_key"] != backend_key:
                 skipped += 1
+                continue
+            if backend_key == "local" and r["base_url"] != base_url:
+                # its task lives in another local emulator, which this client cannot poll
+                if self._working_elsewhere(dict(r)):
+                    elsewhere += 1
+                    continue
+                self._update(r["id"], guard_status=("running", "timeout"), status="error", error_code="task_lost",
+                             units_charged=0, completed_at=_now(), owner=None,
+                             error_message=f"Its task ran in the local emulator at {r['base_url']}, which is gone "
+                                           f"with {_describe_owner(r['owner'])} that ran it, and the task went "
+                                           "with it.")
+                before[r["id"]] = r["status"]
                 continue
             before[r["id"]] = r["status"]
             handles[r["id"]] = client.task(r["task_id"], api_version=r["api_version"], actions=_json_list(r["actions"]),
@@ -1462,6 +1816,9 @@ class Ledger:
         if skipped:
             log.warning("resume: %d running task(s) belong to another backend and were not polled; resume with a "
                         "client for that backend.", skipped)
+        if elsewhere:
+            log.info("resume: %d running local task(s) are being polled by another live process in its own "
+                     "emulator; that process records them.", elsewhere)
         cols = ["submission_id", "image_name", "before", "status", "task_id", "error_code", "next_step"]
         return pd.DataFrame(report, columns=cols)
 
@@ -1798,6 +2155,10 @@ class Ledger:
                 f"IN (SELECT id FROM submissions{where}){action_filter} ORDER BY submission_id, action, region",
                 list(params) + action_params).fetchall()
             cur.close()
+        if not meta and len(self) == 0:
+            log.warning("The ledger %s holds no submissions at all%s. If you meant an existing study, check the "
+                        "path (skinlab.Ledger creates a new, empty ledger where there is none).", self.path,
+                        " (it was created when opened)" if self.created else "")
         action_names = np.array(self._names("action_names"), dtype=object)
         region_names = np.array(self._names("region_names"), dtype=object)
         m = pd.DataFrame.from_records(meta, columns=mcols)

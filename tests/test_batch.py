@@ -9,6 +9,7 @@ import textwrap
 import threading
 import time
 
+import pandas as pd
 import pytest
 from PIL import Image, ImageEnhance
 
@@ -300,7 +301,8 @@ def test_kill_9_midway_then_rerun_bills_no_image_twice(cohort, tmp_path):
 def test_ctrl_c_stops_cleanly_with_everything_recorded(cohort, tmp_path):
     """Ctrl-C in the middle of a batch (a real KeyboardInterrupt in the main thread, as the notebook's
     interrupt button raises): analyze_many returns a report instead of raising, starts no new image,
-    and a re-run finishes the rest without billing any image twice."""
+    stops the photo in flight at its next step (recorded as it really is) and a re-run finishes the
+    rest without billing any image twice."""
     import _thread
     from collections import Counter
 
@@ -316,25 +318,197 @@ def test_ctrl_c_stops_cleanly_with_everything_recorded(cohort, tmp_path):
                               on_update=on_update)
         assert pressed.is_set()
         assert report.stopped and "interrupted (Ctrl-C)" in report.stopped and "ledger.resume" in report.stopped
-        # as it was when analyze_many returned (a photo in flight goes on in its worker and updates its item)
+        # final when analyze_many returns: the photo in flight has stopped, nothing goes on behind the report
         counts = {k: report.count(k) for k in ("done", "failed", "interrupted", "running")}
         summary = report.summary()
         assert counts["done"] >= 1 and counts["interrupted"] >= 1 and sum(counts.values()) == 7, counts
         assert "stopped early: interrupted" in summary
-        assert ("still in flight" in summary) == bool(counts["running"])
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(t.name.startswith("skinlab-batch") for t in threading.enumerate()):
-            time.sleep(0.05)
-        recorded = ledger.submissions()
-        assert len(recorded) == counts["done"] + counts["failed"] + counts["running"]  # the rest were never sent
-        assert report.count("running") == 0 and report.count("interrupted") == counts["interrupted"]
+        assert ("left running" in summary) == bool(counts["running"])
+        recorded = ledger.submissions().set_index("submission_id")
+        expected = {"done": ("success",), "running": ("running",), "interrupted": ("error",), "failed": ("error",)}
+        for item in report.items:
+            if item.submission_id is None:
+                assert item.outcome == "interrupted"  # never sent
+                continue
+            row = recorded.loc[item.submission_id]
+            assert row.status in expected[item.outcome], (item, row.status, row.error_code)
+            if item.outcome == "interrupted":
+                assert row.error_code == "interrupted" and row.units_charged == 0 and pd.isna(row.task_id)
         assert set(recorded.status) <= {"success", "running", "error"}, recorded[["status", "error_code"]]
+        assert set(recorded.error_code.dropna()) <= {"interrupted", "error_src_face_too_small"}
         ledger.resume(client)
         rerun = analyze_many(cohort, "redness", ledger=ledger, client=client, progress=False, max_workers=2)
         assert rerun.stopped is None and rerun.count("done") + rerun.count("reused") == 6
         billed = Counter(server.app.task(t).source_sha256 for t in server.app.task_ids()
                          if server.app.task(t).state == "success")
         assert len(billed) == 6 and max(billed.values()) == 1
+
+
+def _env_without_keys():
+    return {k: v for k, v in os.environ.items() if k not in ("SKINLAB_API_KEY", "YOUCAM_API_KEY")}
+
+
+#: A batch on the embedded local backend (no key: each process has its own emulator), Ctrl-C after
+#: the first photo, then the process exits (as the command line and a script do).
+CTRL_C_CHILD = textwrap.dedent("""
+    import _thread, sys, threading
+    from skinlab.batch import analyze_many
+
+    pressed = threading.Event()
+
+    def on_update(item):
+        if item.outcome == "done" and not pressed.is_set():
+            pressed.set()
+            _thread.interrupt_main()
+
+    report = analyze_many(sys.argv[2:], "redness", ledger=sys.argv[1], progress=False, max_workers=1,
+                          on_update=on_update)
+    assert pressed.is_set()
+    print(report.summary())
+""")
+
+
+def test_ctrl_c_then_exit_prints_no_traceback_and_records_no_false_error(cohort, tmp_path):
+    """Ctrl-C, summary, exit: the photo in flight used to go on in its worker while the interpreter
+    shut down, its create refused by the embedded emulator ("RuntimeError: cannot schedule new futures
+    after shutdown", a 20-line traceback after the summary) and recorded as a false error or as an
+    ambiguous create. Now it stops at its next step, honestly recorded, and the next run finishes."""
+    photos = [str(p) for p in sorted(cohort.glob("*_t*.jpg"))]
+    db = tmp_path / "study" / "ledger.sqlite"
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_CHILD, str(db), *photos], capture_output=True, text=True,
+                          env=_env_without_keys(), timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "stopped early: interrupted (Ctrl-C)" in proc.stdout
+    assert "Traceback" not in proc.stderr and "cannot schedule new futures" not in proc.stderr, proc.stderr
+    ledger = Ledger(db)
+    subs = ledger.submissions()
+    assert (subs.status == "success").sum() >= 1
+    assert set(subs.status) <= {"success", "running", "error"}, subs[["status", "error_code", "error_message"]]
+    assert set(subs.error_code.dropna()) <= {"interrupted"}, subs[["status", "error_code", "error_message"]]
+    # the next run (another process, another emulator) finishes every photo, each once
+    with skinlab.local.serve(task_duration_s=0) as server, _client(server) as client:
+        again = analyze_many(photos, "redness", ledger=ledger, client=client, progress=False, max_workers=2)
+    assert again.count("failed") == 0 and again.count("done") + again.count("reused") == 6, again.summary()
+    ok = ledger.submissions(status="success")
+    assert sorted(ok.image_name) == sorted(os.path.basename(p) for p in photos)
+
+
+#: One batch process on the embedded local backend, started together with others on one ledger.
+BATCH_CHILD = textwrap.dedent("""
+    import json, os, sys, time
+    from pathlib import Path
+    from skinlab.batch import analyze_many
+    from skinlab.client import connect
+
+    db, go = sys.argv[1], Path(sys.argv[2])
+    client = connect()                     # no key: this process's own embedded emulator
+    client.balance()                       # the emulator is up and its engine loaded
+    Path(sys.argv[3]).touch()              # ready
+    while not go.exists():
+        time.sleep(0.01)
+    report = analyze_many(sys.argv[4:], "redness", ledger=db, client=client, progress=False, max_workers=2)
+    print(json.dumps({"backend": client.backend, "url": client.base_url, "summary": report.summary(),
+                      "outcomes": {k: report.count(k) for k in ("done", "reused", "failed", "skipped")}}))
+""")
+
+
+def test_two_processes_each_with_its_own_local_emulator_share_one_ledger(cohort, tmp_path):
+    """Two batch processes on one ledger, each with its own embedded emulator (another port), over the
+    same photos at the same time. Each used to poll the other's running tasks on its own emulator,
+    which did not know them: every photo failed. Now a task running in the other process's emulator is
+    waited for through the ledger and reused: no failure, one success per photo."""
+    import json
+
+    photos = [str(p) for p in sorted(cohort.glob("*_t*.jpg"))]
+    db = tmp_path / "study" / "ledger.sqlite"
+    Ledger(db).close()
+    go = tmp_path / "go"
+    procs = []
+    for label, order in (("A", photos), ("B", photos)):
+        ready = tmp_path / f"ready-{label}"
+        cmd = [sys.executable, "-c", BATCH_CHILD, str(db), str(go), str(ready), *order]
+        procs.append((label, ready, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                                     env=_env_without_keys())))
+    deadline = time.monotonic() + 120
+    while not all(r.exists() for _, r, _ in procs) and time.monotonic() < deadline:
+        assert all(p.poll() is None for _, _, p in procs), [p.communicate() for _, _, p in procs]
+        time.sleep(0.02)
+    go.touch()  # both start at once
+    out = {}
+    for label, _, proc in procs:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stdout + stderr
+        out[label] = json.loads(stdout.strip().splitlines()[-1])
+    assert out["A"]["backend"] == out["B"]["backend"] == "local" and out["A"]["url"] != out["B"]["url"]
+    for label in "AB":
+        outcomes = out[label]["outcomes"]
+        assert outcomes["failed"] == 0 and outcomes["done"] + outcomes["reused"] == 6, out[label]["summary"]
+    assert out["A"]["outcomes"]["done"] + out["B"]["outcomes"]["done"] == 6  # each photo analysed once
+    subs = Ledger(db).submissions()
+    assert sorted(subs[subs.status == "success"].image_name) == sorted(os.path.basename(p) for p in photos)
+    assert set(subs.status) == {"success"}, subs[["image_name", "status", "error_code", "error_message"]]
+
+
+#: Creates local tasks in this process's own emulator without waiting for them, then dies (kill -9).
+ABANDON_CHILD = textwrap.dedent("""
+    import os, sys, warnings
+    warnings.simplefilter("ignore")
+    from skinlab.client import Client
+    from skinlab.ledger import Ledger
+
+    client = Client.local(task_duration_s=30)
+    ledger = Ledger(sys.argv[1])
+    for photo in sys.argv[2:]:
+        assert ledger.submit(client, photo, ["redness"], wait=False).status == "running"
+    os.kill(os.getpid(), 9)
+""")
+
+
+def test_local_tasks_left_running_by_a_dead_process_are_analysed_again(cohort, tmp_path):
+    """kill -9 left rows running whose tasks lived in the dead process's emulator; the next run used to
+    poll them on its own emulator and fail them (task_lost). Now they are closed as lost (free) and
+    analysed again, and the summary says why."""
+    photos = [str(p) for p in sorted(cohort.glob("*_t*.jpg"))]
+    db = tmp_path / "study" / "ledger.sqlite"
+    child = subprocess.run([sys.executable, "-c", ABANDON_CHILD, str(db), *photos[:4]], capture_output=True,
+                           text=True, env=_env_without_keys(), timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    ledger = Ledger(db)
+    assert list(ledger.submissions().status) == ["running"] * 4
+    with skinlab.local.serve(task_duration_s=0) as server, _client(server) as client:
+        report = analyze_many(photos, "redness", ledger=ledger, client=client, progress=False, max_workers=2)
+        assert report.count("done") == 6 and report.count("failed") == 0, report.summary()
+        assert len(server.app.task_ids()) == 6  # the dead emulator's task ids were never polled here
+    again = [i for i in report.items if i.note]
+    assert len(again) == 4 and all("another local emulator" in i.note and "analysed again (local, free)" in i.note
+                                   for i in again)
+    assert "analysed again 4: its task was in another local emulator" in report.summary()
+    subs = ledger.submissions()
+    lost = subs[subs.status == "error"]
+    assert len(lost) == 4 and set(lost.error_code) == {"task_lost"} and set(lost.units_charged) == {0}
+    for msg, step in zip(lost.error_message, lost.next_step):
+        assert "Local tasks are free: analysed again as submission" in msg and step.startswith("Nothing to do")
+    ok = subs[subs.status == "success"]
+    assert sorted(ok.image_name) == sorted(os.path.basename(p) for p in photos)
+
+
+def test_a_task_the_local_emulator_lost_is_analysed_again_once_and_the_message_says_it_once(cohort, tmp_path):
+    photo = sorted(cohort.glob("hopper_*.jpg"))[0]
+    with skinlab.local.serve(task_duration_s=0) as server, _client(server) as client:
+        ledger = Ledger(tmp_path / "l.sqlite")
+        server.faults.invalid_task_id(1)  # as if the emulator had been restarted under the task
+        report = analyze_many([photo], "redness", ledger=ledger, client=client, progress=False)
+        assert report.count("done") == 1 and report.count("failed") == 0, report.summary()
+        assert report.items[0].note.startswith("its task was lost by its local emulator")
+        first = ledger.get(1)
+        assert first.error_code == "task_lost" and "analysed again as submission 2" in first.error_message
+        # lost again: reported once, its message and next step each said once
+        server.faults.invalid_task_id(2)
+        report = analyze_many([photo], "redness", ledger=ledger, client=client, progress=False, force=True)
+        assert report.failures == {"task_lost": 1}, report.summary()
+        error = report.items[0].error
+        assert error.count("no longer knows this task") == 1, error
+        assert "Local tasks are free" in error and "waiting for it" not in error
 
 
 def test_progress_bar_is_tqdm_auto_with_widgets_and_plain_text_without(monkeypatch):

@@ -464,13 +464,27 @@ def test_exports_and_deidentification(tmp_path, ledger, server, photos):
             assert b"Alice" not in blob and b"photos/" not in blob and str(ledger.root).encode() not in blob
             assert sha.encode() not in blob
             df = pd.read_csv(out) if suffix == "csv" else pd.read_parquet(out)
-            assert not set(DEIDENTIFIED_DROP) & set(df.columns)
+            assert not (set(DEIDENTIFIED_DROP) - {"image_sha256"}) & set(df.columns)  # salted: the keyed hash
             assert "P01" in set(df["subject"])
+    size = str(ledger.submissions().image_size.item())
+    for name in ("submissions", "scores", "wide"):
+        # without a salt, nothing leads back to the photo: no SHA-256 (anyone with the photos can hash
+        # them), no byte size (as telling), no names, paths or service ids
+        out = ledger.export(tmp_path / "plain" / f"{name}.csv", name, deidentify=True)
+        df = pd.read_csv(out)
+        assert not set(DEIDENTIFIED_DROP) & set(df.columns), df.columns
+        assert {"image_sha256", "image_size", "image_name", "task_id"}.isdisjoint(df.columns)
+        assert sha.encode() not in out.read_bytes() and "P01" in set(df["subject"])
+        if name == "submissions":
+            assert size not in set(df.astype(str).to_numpy().ravel())
     unsalted = ledger.table("submissions", deidentify=True)
-    assert unsalted.image_sha256.item() == sha and "task_id" not in unsalted.columns
+    assert "image_sha256" not in unsalted.columns and "image_size" not in unsalted.columns
+    assert "task_id" not in unsalted.columns and "base_url" not in unsalted.columns
     salted = ledger.table("submissions", deidentify=True, salt="pepper")
     assert salted.image_sha256.item() not in (sha, ledger.table("submissions", deidentify=True, salt="other")
                                               .image_sha256.item())
+    assert "image_sha256" in DEIDENTIFIED_DROP and "image_size" in DEIDENTIFIED_DROP
+    assert "image_sha256" in skinlab.ledger.__doc__.split("De-identified exports")[1]
     with pytest.raises(LedgerError, match="csv or .parquet"):
         ledger.export(tmp_path / "x.xlsx")
 
@@ -734,3 +748,33 @@ def test_submission_displays_as_html_without_any_image(ledger, server, photos):
     recorded = ledger.record(_fake_result("local", "e"), image_name="secret_name.jpg")
     page = recorded._repr_html_()
     assert "without a results folder" in page and "secret_name" not in page
+
+
+def test_opening_a_missing_path_says_a_new_ledger_was_created(tmp_path, caplog):
+    """A mistyped path (stduy/ for study/) used to give an empty ledger silently."""
+    import logging
+
+    study = tmp_path / "study"
+    Ledger(study / "ledger.sqlite").record(_fake_result("local", "e"), image_name="a.jpg")
+    typo = tmp_path / "stduy" / "ledger.sqlite"
+    with caplog.at_level(logging.INFO, logger="skinlab.ledger"):
+        led = Ledger(typo)
+    assert led.created is True
+    (msg,) = [r.getMessage() for r in caplog.records if "new, empty ledger" in r.getMessage()]
+    assert str(typo) in msg and "check the path" in msg
+    assert caplog.records[-1].levelno == logging.INFO
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="skinlab.ledger"):
+        assert led.scores().empty
+    assert any("holds no submissions at all" in r.getMessage() and "check the" in r.getMessage()
+               for r in caplog.records)
+    led.close()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="skinlab.ledger"):
+        again, existing = Ledger(typo), Ledger(study / "ledger.sqlite")
+        assert not existing.scores(backend="local").empty
+    assert again.created is False and existing.created is False
+    told = [r for r in caplog.records if "new, empty ledger" in r.getMessage() or "no submissions" in r.getMessage()]
+    assert not told
+    again.close()
+    existing.close()
