@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from . import errors
+from .ledger import sentences
 from .actions import resolve_actions, validate_actions
 
 __all__ = ["BatchItem", "BatchReport", "analyze_many", "collect_images"]
@@ -211,16 +212,6 @@ class BatchReport:
 
     def __repr__(self) -> str:
         return self.summary()
-
-
-def _sentences(*parts: str | None) -> str:
-    """Join message parts as sentences."""
-    out = []
-    for p in parts:
-        if p:
-            p = p.strip()
-            out.append(p if p[-1:] in ".!?" else p + ".")
-    return " ".join(out)
 
 
 def _progress(total: int, enabled: bool, backend: str | None = None):
@@ -431,7 +422,7 @@ def _run(report: BatchReport, sources, names, ledger, client, tags, force, optio
                     continue
                 item.outcome, item.error, item.reason = "failed", str(exc), exc.code or type(exc).__name__
                 if requeued:
-                    item.error = _sentences(item.error, f"Tried {requeued + 1} times; nothing was billed, run the "
+                    item.error = sentences(item.error, f"Tried {requeued + 1} times; nothing was billed, run the "
                                                         "batch again later")
                 return item
         item.submission_id, item.status = sub.id, sub.status
@@ -457,7 +448,7 @@ def _run(report: BatchReport, sources, names, ledger, client, tags, force, optio
             if sub.reused and sub.status in ("ambiguous", "running", "timeout", "queued", "uploading"):
                 item.error = sub.note or sub.status  # what stopped this call (it names the next step)
             else:
-                item.error = _sentences(sub.error_message, sub.next_step) or sub.note or sub.status
+                item.error = sentences(sub.error_message, sub.next_step) or sub.note or sub.status
         return item
 
     def collect(fut: Future, item: BatchItem) -> None:

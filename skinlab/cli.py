@@ -99,7 +99,7 @@ def _safe_stem(path: Path, used: set[str]) -> str:
 def _cmd_analyze(args) -> int:
     from .batch import analyze_many, collect_images
     from .client import connect
-    from .ledger import Ledger
+    from .ledger import Ledger, sentences
     from .tags import tags_for
 
     photos: list = []
@@ -163,6 +163,8 @@ def _cmd_analyze(args) -> int:
                 used |= {ledger.path.name + end for end in ("-wal", "-shm", "-journal")}
             for item, photo in zip(report.items, photos):
                 _print(f"\n== {item.label}: {item.outcome}")
+                if getattr(item, "note", None):     # e.g. analysed again with the current local engine
+                    _print(f"   {_cli_text(item.note)}")
                 if item.submission_id is None:
                     if item.error:
                         _print(f"   {_cli_text(item.error)}")
@@ -172,7 +174,7 @@ def _cmd_analyze(args) -> int:
                     _print(f"   pre-flight: {change}")  # what was changed before the photo was sent
                 result = sub.result
                 if result is None:
-                    why = f"{sub.status}: {sub.error_message or ''} {sub.next_step or ''}".rstrip()
+                    why = f"{sub.status}: {sentences(sub.error_message, sub.next_step)}".rstrip(": ")
                     _print(f"   {_cli_text(why)}")
                     continue
                 _print(f"   task {result.task_id}  backend={result.backend}  engine={result.engine}")

@@ -431,13 +431,20 @@ def _fmt_time(epoch: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
 
 
-def _sentences(*parts: str | None) -> str:
-    """Join message parts as sentences."""
-    out = []
+def sentences(*parts: str | None) -> str:
+    """Join message parts as sentences (a full stop added where missing); empty parts and
+    sentences already said by an earlier part (an engine hint in both the error message and the
+    next step) are left out."""
+    out: list[str] = []
     for p in parts:
-        if p and p.strip():
-            p = p.strip()
-            out.append(p if p[-1:] in ".!?" else p + ".")
+        if not p or not p.strip():
+            continue
+        text = p.strip()
+        text = text if text[-1:] in ".!?" else text + "."
+        said = " ".join(out)
+        kept = [x for x in re.split(r"(?<=[.!?])\s+", text) if x and x not in said]
+        if kept:
+            out.append(" ".join(kept))
     return " ".join(out)
 
 
@@ -1499,7 +1506,7 @@ class Ledger:
             for sid in lost:
                 old = cur.execute("SELECT error_message FROM submissions WHERE id = ?", (sid,)).fetchone()
                 self._set(cur, sid, guard_status=("error",),
-                          error_message=_sentences(old[0] if old else None,
+                          error_message=sentences(old[0] if old else None,
                                                    f"Local tasks are free: analysed again as submission {new_id}"))
         self._checkpoint("queued", values["id"])
         if why:

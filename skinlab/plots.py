@@ -873,8 +873,14 @@ def _prepare_tidy(df, col: str, func: str, needed: Sequence[str], region: str | 
                 match |= out["concern"] == w
             match |= out[key].map(lambda v: concern_label(v).lower()) == str(w).lower()
             if not match.any():
-                raise KeyError(f"{func}(): no {col} rows for {w!r}; the table has "
-                               f"{', '.join(sorted(map(str, out[key].unique())))}")
+                present = sorted(map(str, out[key].unique()))
+                if present:
+                    raise KeyError(f"{func}(): no {col} rows for {w!r}; the table has {', '.join(present)} in "
+                                   f"its {key!r} column: pass one of them.")
+                raise KeyError(f"{func}(): no {col} rows for {w!r}: the table has no scored rows at all "
+                               f"(region={region!r}; {len(df)} rows in all). Check that the ledger is the one you "
+                               "meant (Ledger(...).created is True for a new, empty one) and that its "
+                               "submissions succeeded (ledger.submissions()).")
             keep.append(match)
         out = out[pd.concat(keep, axis=1).any(axis=1)]
     if out.empty:

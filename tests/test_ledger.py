@@ -778,3 +778,14 @@ def test_opening_a_missing_path_says_a_new_ledger_was_created(tmp_path, caplog):
     assert not told
     again.close()
     existing.close()
+
+
+def test_message_parts_join_as_sentences_without_saying_a_hint_twice():
+    from skinlab.ledger import sentences
+
+    hint = "Face the camera straight on, head level."
+    joined = sentences(f"The head is turned too far. {hint}", f"{hint} Not billed; fix the cause and submit again.")
+    assert joined == f"The head is turned too far. {hint} Not billed; fix the cause and submit again."
+    assert sentences("No face detected on source image", "Use a frontal photo.") == \
+        "No face detected on source image. Use a frontal photo."
+    assert sentences(None, " ", "") == ""

@@ -664,3 +664,13 @@ def test_ledger_html_counts_warns_and_escapes():
     assert "No submissions yet" in display.ledger_html(subs.iloc[:0])
     text = display.ledger_text(subs)
     assert text.startswith("skinlab ledger") and "Status: success: 2, error: 1" in text
+
+
+def test_a_concern_missing_from_the_table_is_named_with_what_is_there():
+    df = study_table()
+    with pytest.raises(KeyError, match=r"no ui_score rows for 'acne'; the table has pore, redness, wrinkle in its "
+                                       r"'action' column"):
+        plots.cohort(df, concerns=["acne"])
+    empty = df.iloc[0:0]
+    with pytest.raises(KeyError, match=r"no scored rows at all .*Ledger\(\.\.\.\)\.created"):
+        plots.cohort(empty, concerns=["wrinkle"])
