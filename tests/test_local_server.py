@@ -974,3 +974,47 @@ def test_emulator_fetches_loopback_urls_without_the_environment_proxy(local_serv
     request = srv.urllib.request.Request("http://photos.example.invalid/face.jpg")
     with pytest.raises(srv.urllib.error.URLError, match="Connection refused"):
         srv._urlopen(request, timeout=5)
+
+
+def test_a_task_cut_off_by_shutdown_is_not_logged_as_an_engine_failure(caplog, monkeypatch):
+    """After Ctrl-C the engine's thread pools refuse new work ("cannot schedule new futures after
+    shutdown"): no traceback for that, while a real engine failure still gets one."""
+    import logging
+
+    from skinlab.local import LocalServer
+
+    photo = portrait_jpeg("astronaut", "sd")
+
+    def run(exc):
+        server = LocalServer(task_duration_s=0.0, rate_limit=None)
+
+        def boom(task):
+            raise exc
+        monkeypatch.setattr(server.app, "_execute", boom)
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="skinlab.local"):
+            server.start()
+            try:
+                api = requests.Session()
+                slot = api.post(server.url + "/s2s/v2.0/file/skin-analysis", headers={"Authorization": f"Bearer {KEY}"},
+                                json={"files": [{"content_type": "image/jpeg", "file_name": "a.jpg",
+                                                 "file_size": len(photo)}]}).json()["data"]["files"][0]
+                put = slot["requests"][0]
+                api.put(put["url"], data=photo, headers=put["headers"])
+                created = api.post(server.url + "/s2s/v2.0/task/skin-analysis", headers={"Authorization": f"Bearer {KEY}"},
+                                   json={"src_file_id": slot["file_id"], "dst_actions": ["redness"]}).json()
+                task_id = created["data"]["task_id"]
+                for _ in range(100):
+                    body = api.get(server.url + f"/s2s/v2.0/task/skin-analysis/{task_id}",
+                                   headers={"Authorization": f"Bearer {KEY}"}).json()
+                    if body["data"]["task_status"] != "running":
+                        break
+                    time.sleep(0.02)
+            finally:
+                server.stop()
+        return body, [r for r in caplog.records if r.exc_info]
+
+    body, tracebacks = run(RuntimeError("cannot schedule new futures after shutdown"))
+    assert body["data"]["task_status"] == "error" and tracebacks == []
+    body, tracebacks = run(ValueError("a real bug"))
+    assert body["data"]["task_status"] == "error" and len(tracebacks) == 1

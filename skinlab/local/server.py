@@ -121,6 +121,17 @@ def _urlopen(request: urllib.request.Request, *, timeout: float):
     return opener.open(request, timeout=timeout)
 
 
+def _shutting_down(app, exc: BaseException) -> bool:
+    """True when ``exc`` comes from the process or the emulator shutting down (the thread pools
+    of the engine refuse new work once the interpreter exits, e.g. after Ctrl-C), not from a
+    failure of the engine: such tasks are not logged with a traceback."""
+    import sys
+
+    closing = getattr(app, "_closing", None)
+    return (sys.is_finalizing() or (closing is not None and closing.is_set())
+            or (isinstance(exc, RuntimeError) and "after shutdown" in str(exc)))
+
+
 class Faults:
     """Per-server fault injection, so parallel tests do not interfere.
 
@@ -973,8 +984,9 @@ class SkinlabApp:
             # app lock, since they may download or decode the image).
             try:
                 self._precheck(task)
-            except Exception:  # the worker meets the same failure and reports it as the outcome
-                log.exception("checks of task %s failed inside the emulator", task.task_id[:12])
+            except Exception as exc:  # the worker meets the same failure and reports it as the outcome
+                if not _shutting_down(self, exc):
+                    log.exception("checks of task %s failed inside the emulator", task.task_id[:12])
         with self._lock:
             if hooked:
                 task = self._live_task(match.group(1), key, now)
@@ -1071,8 +1083,11 @@ class SkinlabApp:
     def _run(self, task: Task) -> None:
         try:
             outcome = self._execute(task)
-        except Exception:
-            log.exception("task %s failed inside the emulator", task.task_id[:12])
+        except Exception as exc:
+            if _shutting_down(self, exc):   # the process is exiting (Ctrl-C): not an engine failure
+                log.debug("task %s stopped: the emulator is shutting down (%s)", task.task_id[:12], exc)
+            else:
+                log.exception("task %s failed inside the emulator", task.task_id[:12])
             outcome = Outcome(status="error", code="unknown_internal_error")
         with task.check_lock:
             task.checks_done = True     # also when they raised: a poll no longer waits for them
