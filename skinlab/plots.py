@@ -1153,10 +1153,20 @@ def time_course(df, concern, *, score: str = "ui", time: str = "timepoint", subj
                 continue
             stats = g.groupby("_x")[col].agg(["mean", "std", "count"]).sort_index()
             n_subj = g[subject].nunique()
-            label = f"{group} (mean, n={n_subj})" if by else f"Mean of {n_subj} subject{'s' * (n_subj != 1)}"
+            lo, hi = int(stats["count"].min()), int(stats["count"].max())
+            if lo == hi == n_subj:
+                label = f"{group} (mean, n={n_subj})" if by else f"Mean of {n_subj} subject{'s' * (n_subj != 1)}"
+            else:   # some subjects miss some time points: the mean is over fewer of them there
+                label = (f"{group} (mean, n={lo}-{hi} of {n_subj} per time point)" if by
+                         else f"Mean (n={lo}-{hi} of {n_subj} subjects per time point)")
             (ln,) = axis.plot(stats.index, stats["mean"], color=c, linewidth=2.4, marker="o", markersize=5,
                               label=label, zorder=4)
             ln.set_gid(f"mean:{k}:{group}")
+            for xv, row in stats.iterrows():
+                if row["count"] < n_subj:     # say where the mean rests on fewer subjects
+                    t = axis.annotate(f"n={int(row['count'])}", (xv, row["mean"]), xytext=(4, 6),
+                                      textcoords="offset points", fontsize=7, color=c)
+                    t.set_gid(f"n:{k}:{group}:{xv}")
             if spread in ("sem", "sd") and (stats["count"] > 1).any():
                 s = stats["std"].fillna(0.0)
                 if spread == "sem":

@@ -674,3 +674,17 @@ def test_a_concern_missing_from_the_table_is_named_with_what_is_there():
     empty = df.iloc[0:0]
     with pytest.raises(KeyError, match=r"no scored rows at all .*Ledger\(\.\.\.\)\.created"):
         plots.cohort(empty, concerns=["wrinkle"])
+
+
+def test_time_course_says_when_a_mean_rests_on_fewer_subjects():
+    df = study_table()
+    gone = df["subject"].isin(["S01", "S02"]) & (df["timepoint"] == "week 12")
+    fig = plots.time_course(df[~gone], "wrinkle")
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[0] == "Mean (n=4-6 of 6 subjects per time point)"
+    notes = [t for t in ax.texts if (t.get_gid() or "").startswith("n:wrinkle:")]
+    assert [t.get_text() for t in notes] == ["n=4"] and notes[0].xy[0] == 2
+    full = plots.time_course(df, "wrinkle")
+    assert [t.get_text() for t in full.axes[0].get_legend().get_texts()][0] == "Mean of 6 subjects"
+    assert not [t for t in full.axes[0].texts if (t.get_gid() or "").startswith("n:")]
