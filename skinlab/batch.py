@@ -4,7 +4,8 @@
 time (a small thread pool), sharing the client's rate limiter. One image failing is recorded and
 does not stop the others; account problems (a refused key, too few units) stop the run. A
 ``max_units`` cap stops before exceeding it: units are reserved only for images that will create
-a task (not for those the ledger already holds), and given back when a task fails unbilled.
+a task (not for those the ledger already holds), in input order whatever the number of workers
+(so the run sends the images its dry run lists), and given back when a task fails unbilled.
 ``dry_run=True`` only says what would be submitted and what it would cost. An image whose upload
 slot or create call is still refused with HTTP 429 after the client's retries (nothing was
 created) is tried again after a pause, a few times, instead of failing. The backend (cloud or
@@ -37,7 +38,7 @@ from . import errors
 from .ledger import sentences
 from .actions import resolve_actions, validate_actions
 
-__all__ = ["BatchItem", "BatchReport", "analyze_many", "collect_images"]
+__all__ = ["BatchItem", "BatchReport", "FolderScan", "analyze_many", "collect_images", "scan_folder"]
 
 log = logging.getLogger("skinlab")
 
@@ -56,14 +57,77 @@ class _OverBudget(Exception):
     """Raised by the ``max_units`` reservation: creating this task would pass the cap."""
 
 
-def collect_images(images: Any) -> list[Any]:
-    """Expand ``images`` into a list: a folder gives its JPEG/PNG files (sorted, not recursive);
-    a path, bytes, PIL image or URL stays one item; a list is taken as it is."""
+#: Files that operating systems leave beside photos (besides hidden files, whose names start with '.',
+#: such as macOS's ``._NAME.jpg`` AppleDouble sidecars and ``.DS_Store``): never photos.
+SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini", "__macosx"})
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name.lower() in SYSTEM_FILES
+
+
+@dataclass
+class FolderScan:
+    """What :func:`scan_folder` found in a folder."""
+
+    files: list[Path]  # the photos, sorted (by relative path when recursive)
+    skipped: list[Path]  # hidden and system files (``._S05_T0.jpg``, ``.DS_Store``, ``Thumbs.db``)
+    subfolders: list[Path]  # subfolders holding photos that a search that is not recursive left out
+
+    def skipped_line(self, folder: Any) -> str | None:
+        """One line saying how many hidden or system files were skipped, or None."""
+        if not self.skipped:
+            return None
+        shown = ", ".join(p.name for p in self.skipped[:3]) + (", ..." if len(self.skipped) > 3 else "")
+        return (f"Skipped {len(self.skipped)} hidden or system file(s) in {str(folder)!r} ({shown}): "
+                "sidecar files that macOS or Windows leave beside photos, not photos.")
+
+
+def scan_folder(folder: str | os.PathLike, *, recursive: bool = False) -> FolderScan:
+    """The JPEG/PNG files of ``folder`` (and of its subfolders when ``recursive``), skipping hidden
+    files and folders (names starting with '.') and system files such as ``Thumbs.db``."""
+    root = Path(folder)
+    files: list[Path] = []
+    skipped: list[Path] = []
+    subfolders: list[Path] = []
+
+    def walk(here: Path) -> None:
+        for p in sorted(here.iterdir()):
+            if _hidden(p.name):
+                if p.is_file() or recursive:
+                    skipped.append(p)
+            elif p.is_dir():
+                if recursive:
+                    walk(p)
+                elif any(q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES and not _hidden(q.name)
+                         for q in p.rglob("*")):
+                    subfolders.append(p)
+            elif p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+                files.append(p)
+
+    walk(root)
+    return FolderScan(files=files, skipped=skipped, subfolders=subfolders)
+
+
+def collect_images(images: Any, *, recursive: bool = False) -> list[Any]:
+    """Expand ``images`` into a list: a folder gives its JPEG/PNG files (sorted; those of its
+    subfolders too when ``recursive``), skipping hidden files (``._S05_T0.jpg``, ``.DS_Store``) and
+    system files (``Thumbs.db``); a path, bytes, PIL image or URL stays one item; a list is taken
+    as it is."""
     if isinstance(images, (str, os.PathLike)) and Path(images).is_dir():
-        files = sorted(p for p in Path(images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not files:
-            raise errors.InvalidParametersError(f"No .jpg, .jpeg or .png files in {str(images)!r}.")
-        return files
+        scan = scan_folder(images, recursive=recursive)
+        if scan.skipped:
+            log.info("%s", scan.skipped_line(images))
+        if not scan.files:
+            why = f"No .jpg, .jpeg or .png files in {str(images)!r}"
+            if scan.subfolders:
+                names = ", ".join(p.name for p in scan.subfolders[:5]) + (", ..." if len(scan.subfolders) > 5 else "")
+                why += (f"; its subfolder(s) {names} hold some, and the search is not recursive. "
+                        "Pass recursive=True to include subfolders")
+            elif scan.skipped:
+                why += f" (only hidden or system files, skipped: {', '.join(p.name for p in scan.skipped[:3])})"
+            raise errors.InvalidParametersError(why + ".")
+        return scan.files
     if isinstance(images, (str, os.PathLike, bytes, bytearray)) or hasattr(images, "read") or hasattr(images, "mode"):
         return [images]
     return list(images)
@@ -333,6 +397,14 @@ def _dry_run(report: BatchReport, sources, names, ledger, client, tags, force, o
         log.warning("could not fetch the unit balance: %s", exc)
 
 
+def _creates_task(ledger, client, src, names, force, options) -> bool:
+    """Whether the ledger look-up (the dry run's) says submitting ``src`` creates a task."""
+    try:
+        return ledger.lookup(client, src, names, force=force, **options).creates_task
+    except errors.SkinlabError:  # pre-flight problems: the submit records them
+        return False
+
+
 def _run(report: BatchReport, sources, names, ledger, client, tags, force, options, *, max_workers, max_units,
          timeout, progress, on_update, stop) -> None:
     t0 = time.monotonic()
@@ -343,6 +415,10 @@ def _run(report: BatchReport, sources, names, ledger, client, tags, force, optio
     budget_lock = threading.Lock()
     committed = [0]  # units reserved by images creating a task (kept when billed or maybe billed)
     halt = threading.Event()  # Ctrl-C: the images in flight stop at their next step too
+    # With max_units, the units go to the images in input order, as the dry run lists them: an image
+    # the ledger look-up says will create a task reserves only once every such image before it has
+    # reserved (or been refused, or finished). Set: this image's reservation is decided.
+    turns = [threading.Event() for _ in sources]
 
     def notify(item: BatchItem) -> None:
         if on_update is not None:
@@ -355,7 +431,17 @@ def _run(report: BatchReport, sources, names, ledger, client, tags, force, optio
         try:
             return attempt(item, src)
         finally:
+            turns[item.index].set()
             notify(item)  # in the worker, so a stop set by the callback is seen before the next image
+
+    def wait_turn(item: BatchItem) -> bool:
+        """Wait until the images before this one have had their units decided; False if stopped.
+        Outside the ledger's transaction, so those images can reach theirs."""
+        for before in turns[:item.index]:
+            while not before.wait(0.05):
+                if stop.is_set() or halt.is_set():
+                    return False
+        return True
 
     def row_of(exc: BaseException):
         """The ledger row an error of ``ledger.submit`` was recorded in, or None."""
@@ -374,17 +460,23 @@ def _run(report: BatchReport, sources, names, ledger, client, tags, force, optio
         held = [0]  # units this image reserved (only when the ledger decides to create a task)
 
         def reserve(units: int) -> None:  # called by the ledger inside the transaction that claims the task
-            with budget_lock:
-                if max_units is not None and committed[0] + units > max_units:
-                    raise _OverBudget(units)
-                committed[0] += units
-                held[0] += units
+            try:
+                with budget_lock:
+                    if max_units is not None and committed[0] + units > max_units:
+                        raise _OverBudget(units)
+                    committed[0] += units
+                    held[0] += units
+            finally:
+                turns[item.index].set()  # the next image in line may decide its own
 
         def release() -> None:  # nothing was billed: give the units back
             with budget_lock:
                 committed[0] -= held[0]
                 held[0] = 0
 
+        if not turns[item.index].is_set() and not wait_turn(item):
+            item.outcome = "interrupted"
+            return item
         item.outcome = "running"
         notify(item)
         requeued = 0
@@ -472,6 +564,9 @@ def _run(report: BatchReport, sources, names, ledger, client, tags, force, optio
     pool = ThreadPoolExecutor(max_workers=max(1, max_workers), thread_name_prefix="skinlab-batch")
     pending: dict[Future, BatchItem] = {}
     try:
+        for item, src in zip(report.items, sources):
+            if max_units is None or not _creates_task(ledger, client, src, names, force, options):
+                turns[item.index].set()  # no units to wait for (a reuse, a wait, or no cap)
         for item, src in zip(report.items, sources):
             pending[pool.submit(work, item, src)] = item
         while pending:

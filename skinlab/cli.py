@@ -18,6 +18,7 @@ import logging
 import re
 import sys
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -28,8 +29,34 @@ from .errors import SkinlabError
 __all__ = ["main"]
 
 
+#: Serialises the command line's own lines (warnings come from the batch's worker threads too).
+_OUT_LOCK = threading.Lock()
+
+
+def _write_line(text: str, file=None) -> None:
+    """Write ``text`` and a newline as one piece, under :data:`_OUT_LOCK` and through ``tqdm.write``,
+    which lifts an active progress bar off the terminal first and draws it again after: no line is
+    glued to another, or to the bar."""
+    from tqdm import tqdm
+
+    file = sys.stdout if file is None else file
+    with _OUT_LOCK:
+        tqdm.write(text, file=file)
+        file.flush()
+
+
 def _print(*args) -> None:
-    print(*args, flush=True)
+    _write_line(" ".join(map(str, args)))
+
+
+class _LineHandler(logging.Handler):
+    """Log records as whole lines through :func:`_write_line` (logging from worker threads too)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _write_line(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - as logging.StreamHandler
+            self.handleError(record)
 
 
 #: Advice in library messages written for Python users, and what a command-line user does instead.
@@ -52,6 +79,10 @@ _CLI_WORDING: tuple[tuple[str, str], ...] = (
     (r"pass allow_remote_bind=True", "add --allow-remote"),
     (r"Pass downscale=True to resize it", "Add --downscale to resize it"),
     (r", or pass api_key=\.", "."),
+    (r"Pass recursive=True to include subfolders", "Add --recursive to include subfolders"),
+    (r" or pass key=\. The columns are", " in the sheet's first row. The columns are"),
+    (r"Add a row, or pass tags= explicitly for this image", "Add a row for it to the sheet"),
+    (r"Rename the file, fix the pattern, or pass tags= explicitly for this image", "Rename the file or fix the pattern"),
 )
 
 
@@ -66,7 +97,7 @@ def _cli_text(text: object) -> str:
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """``warnings.showwarning`` for the command line: ``warning: <message>``, without the file,
     line and source that Python's display adds."""
-    print(f"warning: {_cli_text(message)}", file=sys.stderr, flush=True)
+    _write_line(f"warning: {_cli_text(message)}", file=sys.stderr)
 
 
 def _tags_line(tags: dict) -> str:
@@ -97,14 +128,34 @@ def _safe_stem(path: Path, used: set[str]) -> str:
 
 
 def _cmd_analyze(args) -> int:
-    from .batch import analyze_many, collect_images
+    from .batch import analyze_many, collect_images, scan_folder
     from .client import connect
     from .ledger import Ledger, sentences
     from .tags import tags_for
 
+    missing = [p for p in args.photos if not Path(p).expanduser().exists()]
+    if missing:  # before any folder is listed or file name matched against --pattern
+        import os
+
+        _print(f"error: No such file or folder: {', '.join(repr(p) for p in missing[:10])}"
+               + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
+               + f". Check the path (relative paths start at {os.getcwd()!r}).")
+        return 2
     photos: list = []
+    stems: dict[Path, str] = {}  # photos found in subfolders (--recursive): result folders named by path
     for p in args.photos:
-        photos.extend(collect_images(p) if Path(p).is_dir() else [Path(p)])
+        if not Path(p).is_dir():
+            photos.append(Path(p))
+            continue
+        found = collect_images(p, recursive=args.recursive)
+        skipped = scan_folder(p, recursive=args.recursive).skipped_line(p)
+        if skipped:
+            _print(f"note: {skipped}")
+        for f in found:
+            rel = f.relative_to(p)
+            if len(rel.parts) > 1:
+                stems[f] = "_".join(rel.with_suffix("").parts)
+        photos.extend(found)
     tmp = None
     if args.sample:
         from .samples import save_sample
@@ -136,6 +187,7 @@ def _cmd_analyze(args) -> int:
     out = Path(args.out) if args.out else Path(args.ledger).expanduser().parent if args.ledger else \
         Path("skinlab-results")
     client = connect(base_url=args.base_url, local=True if args.local else None, api_version=args.api_version)
+    ledger = None
     try:
         if client.backend == "local":
             from .client import has_api_key
@@ -179,18 +231,23 @@ def _cmd_analyze(args) -> int:
                     continue
                 _print(f"   task {result.task_id}  backend={result.backend}  engine={result.engine}")
                 table = result.scores.drop(columns=["concern", "backend", "engine"])
+                for col in table.select_dtypes("object"):  # e.g. skin_type, empty for scored actions
+                    table[col] = table[col].fillna("-")
                 _print(table.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.1f}"))
                 if result.overall is not None:
                     _print(f"   overall score: {result.overall:.1f}")
                 if result.skin_age is not None:
                     _print(f"   skin age: {result.skin_age}")
-                stem = _safe_stem(photo if isinstance(photo, Path) else Path(item.label), used)
+                named = Path(stems[photo] + ".jpg") if photo in stems else photo
+                stem = _safe_stem(named if isinstance(named, Path) else Path(item.label), used)
                 folder = result.save(out / stem)
                 _print(f"   wrote scores.csv, result.json and {len(result.mask_names)} masks to {folder}")
         _print("")
         _print(_cli_text(report.summary()))
         return 1 if report.count("failed") or report.stopped else 0
     finally:
+        if ledger is not None:
+            ledger.close()  # checkpoints: no -wal / -shm files left beside it
         client.close()
         if tmp is not None:
             tmp.cleanup()
@@ -490,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the service returns results: zip (masks inside) or json (mask URLs); default zip")
     a.add_argument("--out", help="folder for the per-photo result folders (default: the --ledger file's folder "
                                  "when --ledger is given, else skinlab-results)")
+    a.add_argument("--recursive", action="store_true",
+                   help="also take the photos in a FOLDER's subfolders (e.g. S01/T0.jpg); --pattern matches the file "
+                        "name only, so tag such a layout with --tags, its filename column holding S01/T0.jpg")
     a.add_argument("--sample", choices=["astronaut", "grace_hopper"], help="also analyse a bundled portrait")
     a.add_argument("--local", action="store_true", help="use the local backend even if an API key is set")
     a.add_argument("--base-url", help="service or emulator URL")
@@ -568,7 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    handler = _LineHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
     with warnings.catch_warnings():  # restores Python's display (and the filters) on the way out
         warnings.showwarning = _show_warning
         # the ledger warns about a submission left running, timed out or ambiguous; the command

@@ -866,12 +866,16 @@ class Ledger:
     # ---- plumbing
 
     def close(self) -> None:
-        """Close the database connection."""
+        """Close the database connection (also ``with Ledger(...) as ledger:``), first copying the
+        write-ahead log into the file, so that no ``-wal`` / ``-shm`` files are left when no other
+        process has it open. Closing twice is harmless."""
         self._closed.set()
         thread = self._heartbeat
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=2 * HEARTBEAT_S)
         with self._lock:
+            with contextlib.suppress(sqlite3.Error):  # another process may be reading: then it stays
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._conn.close()
 
     # ---- heartbeat: which running tasks this process is polling right now

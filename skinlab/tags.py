@@ -279,7 +279,7 @@ def _find_key(header: list, origin: str) -> str:
         if cand in lowered:
             return lowered[cand]
     raise TagError(f"{origin}: no file-name column; name one of {', '.join(FILENAME_COLUMNS)} "
-                   f"or pass key=. The columns are {', '.join(map(str, header))}")
+                   f"or pass key=. The columns are {', '.join(map(str, header))}.")
 
 
 def _isna(value: Any) -> bool:

@@ -47,6 +47,33 @@ def test_collect_images(cohort, tmp_path):
         collect_images(tmp_path)
 
 
+def test_collect_images_skips_hidden_and_system_files(tmp_path):
+    from skinlab.batch import scan_folder
+
+    for name in ("S05_T0.jpg", "._S05_T0.jpg", ".DS_Store", "Thumbs.db", ".hidden.png"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.name for p in collect_images(tmp_path)] == ["S05_T0.jpg"]
+    line = scan_folder(tmp_path).skipped_line(tmp_path)
+    assert line.startswith(f"Skipped 4 hidden or system file(s) in {str(tmp_path)!r} (") and "\n" not in line
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "._S01_T0.jpg").write_bytes(b"x")
+    with pytest.raises(errors.InvalidParametersError, match=r"only hidden or system files, skipped: ._S01_T0.jpg"):
+        collect_images(only)
+
+
+def test_collect_images_names_subfolders_and_recursive_takes_them(tmp_path):
+    for rel in ("S01/T0.jpg", "S01/T1.jpg", "S02/T0.png", "S02/._T0.png", ".trash/S09.jpg", "notes/readme.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    with pytest.raises(errors.InvalidParametersError) as info:
+        collect_images(tmp_path)
+    assert str(info.value) == (f"No .jpg, .jpeg or .png files in {str(tmp_path)!r}; its subfolder(s) S01, S02 hold "
+                               "some, and the search is not recursive. Pass recursive=True to include subfolders.")
+    found = collect_images(tmp_path, recursive=True)
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["S01/T0.jpg", "S01/T1.jpg", "S02/T0.png"]
+
+
 def test_batch_records_all_and_rerun_creates_no_task(cohort, tmp_path):
     with skinlab.local.serve(task_duration_s=0) as server, _client(server) as client:
         ledger = Ledger(tmp_path / "study" / "ledger.sqlite")
@@ -205,6 +232,31 @@ def test_dry_run_holds_back_ambiguous_and_running_at_no_cost_and_applies_max_uni
                                                      "skipped"], report.summary()
         assert report.units_spent == plan.units_estimated and len(report.ambiguous) == 1
         assert len(server.app.task_ids()) == tasks + 3
+
+
+def test_max_units_goes_to_the_images_in_input_order_as_the_dry_run_lists_them(cohort, tmp_path):
+    """Several workers: the first images in input order get the units, whichever worker is fastest
+    (here the first two images are the slowest to prepare), so the real run sends what the dry run listed."""
+    photos = sorted(cohort.glob("*_t*.jpg"))[:4]  # astronaut t0-t2, hopper t0: 9 units each
+    with skinlab.local.serve(task_duration_s=0) as server, _client(server) as client:
+        ledger = Ledger(tmp_path / "l.sqlite")
+        plan = analyze_many(photos, "redness", ledger=ledger, client=client, dry_run=True, max_units=18,
+                            progress=False)
+        assert [i.outcome for i in plan.items] == ["planned", "planned", "skipped", "skipped"]
+        real_plan = client.plan
+
+        def slow_first_two(source, *args, **kwargs):
+            if threading.current_thread().name.startswith("skinlab-batch") and source in photos[:2]:
+                time.sleep(0.6)  # the workers of the later images reach the budget first
+            return real_plan(source, *args, **kwargs)
+
+        client.plan = slow_first_two
+        report = analyze_many(photos, "redness", ledger=ledger, client=client, max_units=18, progress=False,
+                              max_workers=4)
+        assert [i.outcome for i in report.items] == ["done", "done", "skipped", "skipped"], report.summary()
+        assert [i.reason for i in report.items[2:]] == ["max_units", "max_units"]
+        assert report.units_spent == plan.units_estimated == 18
+        assert len(server.app.task_ids()) == 2
 
 
 def test_backend_is_stated_on_the_progress_bar_and_at_the_start(cohort, tmp_path, capsys, caplog):

@@ -534,10 +534,13 @@ def test_cli_tag_problems_are_clear_errors(tmp_path, capsys, portraits, no_key):
          "1 file(s) do not fit '{subject}-{timepoint}.jpg': S01_T0.jpg. For example, the pattern needs '-' after "
          "{subject}, and 'S01_T0.jpg' has none there."),
     ]
+    nokey = tmp_path / "nokey.csv"
+    nokey.write_text("subject,day\nS01,1\n")
+    cases.append((["--tags", str(nokey)], "in the sheet's first row. The columns are subject, day."))
     for extra, message in cases:
         assert main_cli(base + extra) == 2, extra
         out = capsys.readouterr().out
-        assert message in out and "Traceback" not in out, out
+        assert message in out and "Traceback" not in out and "key=" not in out and "tags=" not in out, out
     assert not (tmp_path / "out").exists()  # refused before anything was set up
 
 
@@ -629,9 +632,136 @@ def test_cli_help_says_where_results_go():
      "Add --downscale to resize it to a 2560 px long side"),
     ("No API key for https://x. Set SKINLAB_API_KEY (or YOUCAM_API_KEY), or pass api_key=.",
      "Set SKINLAB_API_KEY (or YOUCAM_API_KEY)."),
+    ("tags.csv: no file-name column; name one of filename, file or pass key=. The columns are subject, day.",
+     "name one of filename, file in the sheet's first row. The columns are subject, day."),
+    ("tags.csv has no row for 'a.jpg' (column 'filename'). Add a row, or pass tags= explicitly for this image.",
+     "Add a row for it to the sheet."),
 ])
 def test_cli_rewords_python_advice(library, cli):
     from skinlab.cli import _cli_text
 
     assert cli in _cli_text(library)
     assert _cli_text("nothing to change here: skinlab.Ledger, force") == "nothing to change here: skinlab.Ledger, force"
+
+
+class _SlowStream(io.StringIO):
+    """A terminal slow enough that a line written in two pieces lets another thread in between."""
+
+    def write(self, text):
+        import time
+
+        n = super().write(text)
+        time.sleep(0.0005)
+        return n
+
+    def isatty(self):
+        return False
+
+
+def test_cli_warnings_from_threads_and_the_progress_bar_never_share_a_line(monkeypatch):
+    """Warnings printed from the batch's worker threads while the progress bar draws: each is a
+    whole line of its own, never glued to another warning or to the bar."""
+    import threading
+    import warnings
+
+    from tqdm import tqdm
+
+    from skinlab import cli
+
+    stream = _SlowStream()
+    monkeypatch.setattr(sys, "stderr", stream)
+    bar = tqdm(total=400, desc="skinlab local", file=stream, mininterval=0, miniters=1)
+    done = threading.Event()
+
+    def draw():
+        while not done.is_set():
+            bar.update(0 if bar.n >= 400 else 1)
+
+    def warn(t):
+        for i in range(15):
+            cli._show_warning(UserWarning(f"Submission {t}{i:02d} was reused; its tags differ. Change them "
+                                          f"with ledger.tag({t}, ...)."), UserWarning, "ledger.py", 1)
+
+    drawer = threading.Thread(target=draw)
+    drawer.start()
+    workers = [threading.Thread(target=warn, args=(t,)) for t in range(1, 7)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    done.set()
+    drawer.join()
+    bar.close()
+    lines = [seg for line in stream.getvalue().split("\n") for seg in [line.split("\r")] if "warning" in line]
+    assert len(lines) == 6 * 15
+    for segments in lines:
+        text = segments[-1]  # what stays on screen: nothing after the warning on its line
+        assert re.fullmatch(r"warning: Submission \d+ was reused; its tags differ\. Change them with "
+                            r"ledger\.tag\(\d, \.\.\.\)\.", text), segments
+
+
+def test_cli_missing_folder_is_no_such_file_also_with_a_pattern(tmp_path, capsys, monkeypatch, no_key):
+    monkeypatch.chdir(tmp_path)
+    for extra in ([], ["--pattern", "{subject}_{timepoint}.jpg"], ["--tags", "tags.csv"]):
+        assert main_cli(["analyze", "photos_t2", "--actions", "redness", "--dry-run", *extra]) == 2, extra
+        out = capsys.readouterr().out
+        assert f"error: No such file or folder: 'photos_t2'. Check the path (relative paths start at " \
+               f"{str(tmp_path)!r})." in out, out
+        assert "do not fit" not in out and "Rename" not in out and "tag sheet" not in out
+    assert not (tmp_path / "skinlab-results").exists()  # refused before anything was set up
+
+
+def test_cli_skips_sidecar_files_and_says_so_in_one_line(tmp_path, capsys, portraits, no_key):
+    photos = tmp_path / "photos"
+    _photo(photos, portraits, "S05_T0.jpg")
+    for name in ("._S05_T0.jpg", ".DS_Store", "Thumbs.db"):
+        (photos / name).write_bytes(b"\0\5\26\7\0\2\0\0Mac OS X")
+    code = main_cli(["analyze", str(photos), "--actions", "redness", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    notes = [ln for ln in out.splitlines() if "Skipped" in ln]
+    assert len(notes) == 1 and notes[0].startswith("note: Skipped 3 hidden or system file(s) in "), out
+    assert "done 1," in out and "failed 0" in out and "== S05_T0.jpg: done" in out
+
+
+def test_cli_subfolders_are_named_and_recursive_takes_them(tmp_path, capsys, portraits, no_key):
+    nested = tmp_path / "nested"
+    _photo(nested / "S01", portraits, "T0.jpg")
+    _photo(nested / "S02", portraits, "T0.jpg", "grace_hopper")
+    base = ["analyze", str(nested), "--actions", "redness", "--out", str(tmp_path / "out")]
+    assert main_cli(base) == 2
+    out = capsys.readouterr().out
+    assert f"error: No .jpg, .jpeg or .png files in {str(nested)!r}; its subfolder(s) S01, S02 hold some, and the " \
+           "search is not recursive. Add --recursive to include subfolders." in out, out
+    sheet = tmp_path / "tags.csv"
+    sheet.write_text("filename,subject,timepoint\nS01/T0.jpg,S01,T0\nS02/T0.jpg,S02,T0\n")
+    assert main_cli(base + ["--recursive", "--tags", str(sheet)]) == 0
+    out = capsys.readouterr().out
+    assert "done 2," in out, out
+    assert (tmp_path / "out" / "S01_T0" / "scores.csv").exists() and (tmp_path / "out" / "S02_T0").is_dir()
+    subjects = _ledger_subjects(tmp_path / "out" / "ledger.sqlite")
+    assert subjects == ["S01", "S02"]
+
+
+def _ledger_subjects(path):
+    with skinlab.Ledger(path) as ledger:
+        return sorted(ledger.submissions().subject)
+
+
+def test_cli_table_shows_a_dash_for_no_skin_type(tmp_path, capsys, portraits, no_key):
+    photo = _photo(tmp_path, portraits)
+    assert main_cli(["analyze", str(photo), "--actions", "redness", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    header = next(ln for ln in out.splitlines() if "skin_type" in ln)
+    rows = out.split(header + "\n", 1)[1].split("\n   ")[0].splitlines()
+    assert rows and all(ln.split()[-1] == "-" for ln in rows), out
+    assert "None" not in out
+
+
+def test_cli_leaves_no_ledger_wal_or_shm_files(tmp_path, capsys, portraits, no_key):
+    photo = _photo(tmp_path, portraits)
+    study = tmp_path / "study"
+    assert main_cli(["analyze", str(photo), "--actions", "redness", "--ledger", str(study / "ledger.sqlite")]) == 0
+    capsys.readouterr()
+    assert (study / "ledger.sqlite").exists()
+    assert not (study / "ledger.sqlite-wal").exists() and not (study / "ledger.sqlite-shm").exists()

@@ -789,3 +789,15 @@ def test_message_parts_join_as_sentences_without_saying_a_hint_twice():
     assert sentences("No face detected on source image", "Use a frontal photo.") == \
         "No face detected on source image. Use a frontal photo."
     assert sentences(None, " ", "") == ""
+
+
+def test_close_leaves_no_wal_or_shm_files_and_works_as_a_context_manager(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    with Ledger(path) as led:
+        led._conn.execute("CREATE TABLE IF NOT EXISTS scratch (x)")
+        led._conn.execute("INSERT INTO scratch VALUES (1)")
+        assert (tmp_path / "ledger.sqlite-wal").exists()
+    assert not (tmp_path / "ledger.sqlite-wal").exists() and not (tmp_path / "ledger.sqlite-shm").exists()
+    led.close()  # twice: harmless
+    with Ledger(path) as again:
+        assert again._conn.execute("SELECT x FROM scratch").fetchall()[0][0] == 1
