@@ -86,10 +86,24 @@ _CLI_WORDING: tuple[tuple[str, str], ...] = (
 )
 
 
-def _cli_text(text: object) -> str:
-    """``text`` with Python-only advice re-worded for the command line (see :data:`_CLI_WORDING`)."""
+#: For the embedded emulator (no --base-url), which exits with the command: its tasks cannot be
+#: collected later, and the next run analyses those photos again, free.
+_EMBEDDED_WORDING: tuple[tuple[str, str], ...] = (
+    (r"Its task lives in the local emulator at \S+: a client of that emulator collects it "
+     r"\(ledger\.resume\(client\)\)\. If that emulator is gone, the next submit of the image analyses it again "
+     r"\(local tasks are free\)\.",
+     "Its task was in this command's own local emulator, which has stopped: the next run of the command "
+     "analyses the photo again (local tasks are free)."),
+    (r"\(their tasks exist: ledger\.resume\(client\) or the next run collects them\)",
+     "(the embedded local emulator stopped with the command: the next run analyses them again, free)"),
+)
+
+
+def _cli_text(text: object, *, embedded: bool = False) -> str:
+    """``text`` with Python-only advice re-worded for the command line (see :data:`_CLI_WORDING`);
+    ``embedded``: the run used the embedded local emulator (see :data:`_EMBEDDED_WORDING`)."""
     out = str(text)
-    for pattern, replacement in _CLI_WORDING:
+    for pattern, replacement in (_EMBEDDED_WORDING if embedded else ()) + _CLI_WORDING:
         out = re.sub(pattern, replacement, out)
     return out
 
@@ -188,6 +202,11 @@ def _cmd_analyze(args) -> int:
         Path("skinlab-results")
     client = connect(base_url=args.base_url, local=True if args.local else None, api_version=args.api_version)
     ledger = None
+    embedded = client.backend == "local" and not args.base_url     # the emulator stops with this command
+
+    def say(text) -> str:
+        return _cli_text(text, embedded=embedded)
+
     try:
         if client.backend == "local":
             from .client import has_api_key
@@ -216,10 +235,10 @@ def _cmd_analyze(args) -> int:
             for item, photo in zip(report.items, photos):
                 _print(f"\n== {item.label}: {item.outcome}")
                 if getattr(item, "note", None):     # e.g. analysed again with the current local engine
-                    _print(f"   {_cli_text(item.note)}")
+                    _print(f"   {say(item.note)}")
                 if item.submission_id is None:
                     if item.error:
-                        _print(f"   {_cli_text(item.error)}")
+                        _print(f"   {say(item.error)}")
                     continue
                 sub = ledger.get(item.submission_id)
                 for change in filter(None, (sub.row.get("preflight") or "").split("; ")):
@@ -227,7 +246,7 @@ def _cmd_analyze(args) -> int:
                 result = sub.result
                 if result is None:
                     why = f"{sub.status}: {sentences(sub.error_message, sub.next_step)}".rstrip(": ")
-                    _print(f"   {_cli_text(why)}")
+                    _print(f"   {say(why)}")
                     continue
                 _print(f"   task {result.task_id}  backend={result.backend}  engine={result.engine}")
                 table = result.scores.drop(columns=["concern", "backend", "engine"])
@@ -243,7 +262,7 @@ def _cmd_analyze(args) -> int:
                 folder = result.save(out / stem)
                 _print(f"   wrote scores.csv, result.json and {len(result.mask_names)} masks to {folder}")
         _print("")
-        _print(_cli_text(report.summary()))
+        _print(say(report.summary()))
         return 1 if report.count("failed") or report.stopped else 0
     finally:
         if ledger is not None:

@@ -765,3 +765,24 @@ def test_cli_leaves_no_ledger_wal_or_shm_files(tmp_path, capsys, portraits, no_k
     capsys.readouterr()
     assert (study / "ledger.sqlite").exists()
     assert not (study / "ledger.sqlite-wal").exists() and not (study / "ledger.sqlite-shm").exists()
+
+
+def test_cli_advice_after_stopping_with_the_embedded_emulator():
+    """The embedded emulator stops with the command: its running tasks cannot be collected later,
+    and the advice says the next run analyses the photos again, free (not --base-url)."""
+    from skinlab.batch import BatchItem, BatchReport
+    from skinlab.cli import _cli_text
+    from skinlab.ledger import _next_step
+
+    row = {"id": 7, "status": "running", "error_code": None, "backend_key": "local", "base_url": "http://127.0.0.1:40000",
+           "task_id": "T" * 40}
+    step = _next_step(row)
+    assert "--base-url" in _cli_text(step)              # a served emulator (skinlab serve) is still there
+    embedded = _cli_text(step, embedded=True)
+    assert "--base-url" not in embedded and "ledger.resume" not in embedded
+    assert "the next run of the command analyses the photo again (local tasks are free)" in embedded
+    report = BatchReport(items=[BatchItem(index=0, label="S01_T0.jpg", outcome="running")], backend="local",
+                         base_url="http://127.0.0.1:40000")
+    text = _cli_text(report.summary(), embedded=True)
+    assert "left running 1" in text and "the next run analyses them again, free" in text
+    assert "ledger.resume" not in text
