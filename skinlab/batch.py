@@ -517,6 +517,11 @@ def _run(report: BatchReport, sources, names, ledger, client, tags, force, optio
                     item.error = sentences(item.error, f"Tried {requeued + 1} times; nothing was billed, run the "
                                                         "batch again later")
                 return item
+            except BaseException as exc:   # not a skinlab error (a bug, a database failure): no units kept
+                row = row_of(exc)
+                if row is None or row.units_charged == 0:
+                    release()
+                raise
         item.submission_id, item.status = sub.id, sub.status
         if sub.reused or sub.units_charged == 0:
             release()  # this call created no task, or its task failed unbilled

@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 import requests
 
 from . import errors
+from ._net import is_loopback_url
 from .actions import CATALOGUE, estimate_units, validate_actions, validate_format, validate_miniserver_args
 from .errors import (
     APIError, AuthenticationError, ConfigurationError, InsufficientCreditsError,
@@ -51,7 +52,6 @@ log = logging.getLogger("skinlab")
 
 DEFAULT_BASE_URL = "https://yce-api-01.makeupar.com"
 API_VERSIONS = ("v2.0", "v2.1")
-_LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 #: The token sent to a loopback emulator when no key is configured (the emulator accepts any).
 LOCAL_TOKEN = "skinlab-local"
 
@@ -71,17 +71,7 @@ def normalise_key(key: str | None) -> str | None:
     return text or None
 
 
-def _is_loopback(url: str) -> bool:
-    """True for localhost and loopback addresses (not for names such as ``127.0.0.1.example.com``)."""
-    import ipaddress
-
-    host = (urlsplit(url).hostname or "").strip("[]").lower()
-    if host in _LOOPBACK:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+_is_loopback = is_loopback_url
 
 
 class _Secret(str):
@@ -294,12 +284,16 @@ def _buffer(resp: requests.Response, limit: int) -> bool:
     total = 0
     over = declared.isdigit() and int(declared) > limit
     if not over:
-        for chunk in resp.iter_content(1 << 16):
-            total += len(chunk)
-            if total > limit:
-                over = True
-                break
-            chunks.append(chunk)
+        try:
+            for chunk in resp.iter_content(1 << 16):
+                total += len(chunk)
+                if total > limit:
+                    over = True
+                    break
+                chunks.append(chunk)
+        except BaseException:
+            resp.close()
+            raise
     if over:
         resp.close()
         chunks = []
@@ -792,6 +786,7 @@ class Client:
                 raise SkinlabConnectionError(f"storage {method} of {redact_url(url)} failed after "
                                              f"{attempt + 1} attempts: {failure}. Check the network and try again.")
             if (resp.status_code == 429 or resp.status_code >= 500) and attempt < self.retry.max_retries_5xx:
+                resp.close()
                 self.retry.sleep(self.retry.delay(attempt))
                 attempt += 1
                 continue
@@ -1033,22 +1028,18 @@ class Client:
 
     def _download_once(self, url: str, max_bytes: int) -> bytes:
         resp = self._storage("GET", url, stream=True)
-        if resp.status_code != 200:
-            raise APIError(f"Download failed with HTTP {resp.status_code} ({_s3_code(resp)}). Result URLs expire "
-                           "after 2 h; polling the task again gives fresh ones.", status=resp.status_code,
-                           code=_s3_code(resp))
-        declared = resp.headers.get("Content-Length")
-        if declared and declared.isdigit() and int(declared) > max_bytes:
-            resp.close()
-            raise errors.ResultFormatError(f"Download is {int(declared)} bytes, over the {max_bytes}-byte limit.")
-        chunks, total = [], 0
-        for chunk in resp.iter_content(1 << 16):
-            total += len(chunk)
-            if total > max_bytes:
-                resp.close()
-                raise errors.ResultFormatError(f"Download exceeded the {max_bytes}-byte limit.")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        try:
+            if resp.status_code != 200:
+                code = _s3_code(resp)
+                raise APIError(f"Download failed with HTTP {resp.status_code} ({code}). Result URLs expire "
+                               "after 2 h; polling the task again gives fresh ones.", status=resp.status_code,
+                               code=code)
+            if _buffer(resp, max_bytes):
+                raise errors.ResultFormatError(f"The download is larger than the {max_bytes}-byte limit; it was "
+                                               "not read.")
+            return resp.content
+        finally:
+            resp.close()      # back to the pool (or dropped) whatever happened
 
 
 def _cap_timeout(timeout: Any, left: float) -> Any:

@@ -185,6 +185,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from . import errors
+from ._net import is_loopback_url
 from .actions import CATALOGUE, estimate_units
 from .errors import (
     InvalidTaskIdError, SkinlabConnectionError, SkinlabError, TaskError, TaskFateUnknownError,
@@ -361,14 +362,9 @@ def _strip_userinfo(url: str) -> str:
     return urlunsplit(parts).rstrip("/")
 
 
-def _is_loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
 def _backend_key(base_url: str) -> str:
     """``local`` for any loopback emulator (its port changes between runs), else the base URL."""
-    return "local" if _is_loopback(base_url) else _strip_userinfo(base_url)
+    return "local" if is_loopback_url(base_url) else _strip_userinfo(base_url)
 
 
 def _pid_alive(pid: int) -> bool:

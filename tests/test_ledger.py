@@ -801,3 +801,17 @@ def test_close_leaves_no_wal_or_shm_files_and_works_as_a_context_manager(tmp_pat
     led.close()  # twice: harmless
     with Ledger(path) as again:
         assert again._conn.execute("SELECT x FROM scratch").fetchall()[0][0] == 1
+
+
+@pytest.mark.parametrize("url, local", [
+    ("http://127.0.0.1:40000", True), ("http://localhost:8765/", True), ("http://[::1]:9/", True),
+    ("http://127.3.4.5:1", True), ("https://127.0.0.1.example.com", False), ("https://yce-api-01.makeupar.com", False),
+])
+def test_backend_key_calls_only_this_machine_local(url, local):
+    """A cloud host named like a loopback address must never be treated as the free local
+    emulator (whose lost tasks are re-run): that would bill an image twice."""
+    from skinlab.client import _is_loopback
+    from skinlab.ledger import _backend_key
+
+    assert (_backend_key(url) == "local") is local
+    assert _is_loopback(url) is local       # the client and the ledger agree

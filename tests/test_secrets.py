@@ -326,3 +326,12 @@ def test_face_photos_written_only_where_the_user_chose(tmp_path, monkeypatch, lo
     assert strays == []
     assert list(home.rglob("*")) == [] and list(cwd.rglob("*")) == [] and list(tmp.rglob("*")) == []
     assert any(p.name == "resize_image.jpg" for p in (tmp_path / "study").rglob("*"))
+
+
+def test_the_emulator_config_never_shows_the_webhook_secret():
+    from skinlab.local.server import ServerConfig
+
+    secret = "whsec_" + "c2tpbmxhYi13ZWJob29rLXNlY3JldC1rZXk="
+    config = ServerConfig(webhook_url="http://127.0.0.1:9/hook", webhook_secret=secret)
+    assert config.webhook_secret == secret
+    assert secret not in repr(config) and "c2tpbmxhYi13" not in repr(config)

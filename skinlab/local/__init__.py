@@ -21,13 +21,14 @@ setting of :class:`ServerConfig` can be passed as a keyword argument.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import socket
 import socketserver
 import threading
 from typing import TYPE_CHECKING, Any, Iterator
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+from .._net import is_loopback_host as _is_loopback
 
 if TYPE_CHECKING:  # pragma: no cover
     from .server import Faults, ServerConfig, SkinlabApp
@@ -72,15 +73,6 @@ class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
 
 class _ThreadingServer6(_ThreadingServer):
     address_family = socket.AF_INET6
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class LocalServer:

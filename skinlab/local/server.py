@@ -238,7 +238,7 @@ class ServerConfig:
     strict_max_long_side: bool | int = False    # True: 4096; an int: that limit; False: off
     upload_headers_as_list: bool = False        # headers as [{"key", "value"}] instead of an object
     webhook_url: str | list[str] | None = None
-    webhook_secret: str | None = None           # "whsec_<base64>"
+    webhook_secret: str | None = field(default=None, repr=False)   # "whsec_<base64>"; never in reprs
     # --- test and operation controls -------------------------------------------------------
     clock: Callable[[], float] = time.time
     strict: bool = False                        # face width >= 0.60 and the 4096 px check
@@ -320,7 +320,7 @@ class Task:
     poll500_left: int = 0
     checks_done: bool = False         # checks 1 to 5 of §5.4 have run (or can no longer run)
     check_error: str | None = None    # the code of their failure, if one failed
-    checked_image: Any = None         # (cache entry, decoded image) until the worker is done
+    checked_image: Any = field(default=None, repr=False)   # (cache entry, decoded image) until the worker is done
     check_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     state: str = "running"
     dropped: bool = False
