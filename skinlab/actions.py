@@ -23,6 +23,7 @@ from .errors import InvalidParametersError
 __all__ = [
     "Action",
     "CATALOGUE",
+    "COLOUR_CONCERNS",
     "CONCERNS",
     "DARK_BACKGROUND_CONCERNS",
     "FORMATS",
@@ -110,6 +111,8 @@ _CONCERNS: list[tuple[str, str, str, tuple[str, ...] | None]] = [
 
 #: Tier-free concern keys, in catalogue order.
 CONCERNS: tuple[str, ...] = tuple(c[0] for c in _CONCERNS)
+#: Concerns measured from colour (CIELAB a*, b*, hue): a greyscale photo cannot give them.
+COLOUR_CONCERNS: tuple[str, ...] = ("redness", "acne", "age_spot", "dark_circle", "radiance")
 
 #: The documented skin-type categories (§6.1).
 SKIN_TYPES: tuple[str, ...] = (

@@ -862,6 +862,7 @@ class Client:
             plan.prepared = prepare_image(source, tier=validated.tier, downscale=downscale)
             for change in plan.prepared.changes:
                 log.info("pre-flight: %s", change)
+            _refuse_colour_on_greyscale(plan.prepared, validated.names)
         return plan
 
     def upload_plan(self, plan: "SubmissionPlan") -> str:
@@ -1109,6 +1110,22 @@ def _s3_code(resp: requests.Response) -> str:
 
 
 _FILE_ID = re.compile(r"^[A-Za-z0-9+/=_-]{16,}$")
+
+
+def _refuse_colour_on_greyscale(prepared, names) -> None:
+    """A greyscale photo has no colour to measure: refuse the colour concerns before anything is
+    sent (they would come back as normal-looking but meaningless scores)."""
+    from .actions import COLOUR_CONCERNS
+
+    if not prepared.greyscale:
+        return
+    colour = [n for n in names if CATALOGUE[n].concern in COLOUR_CONCERNS]
+    if colour:
+        label = repr(prepared.source_name) if prepared.source_name else "The photo"
+        raise errors.ImageError(
+            f"{label} is a greyscale photo, and {', '.join(colour)} measure colour, which it does not hold. "
+            "Drop those actions for this photo (wrinkles, pores, texture and the other concerns can still be "
+            "measured), or use a colour photo.")
 
 
 def classify_source(source: Any) -> tuple[str, Any]:

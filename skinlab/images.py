@@ -112,6 +112,9 @@ class PreparedImage:
         The original file name, kept locally; it is not sent to the service.
     changes : list of str
         Every change made, in plain words (empty when the bytes are the original).
+    greyscale : bool
+        The file held no colour (greyscale, bilevel or 16-bit grey pixels), so the colour
+        concerns (:data:`skinlab.actions.COLOUR_CONCERNS`) cannot be measured on it.
     """
 
     data: bytes
@@ -121,6 +124,7 @@ class PreparedImage:
     sha256: str
     source_name: str | None = None
     changes: list[str] = field(default_factory=list)
+    greyscale: bool = False
 
     @property
     def size(self) -> int:
@@ -316,8 +320,8 @@ def _normalise_mode(img, *, sixteen_bit: bool = False):
         notes.append("converted the palette (indexed-colour) image to RGB")
     elif mode in ("L", "LA", "1"):
         img = img.convert("LA" if mode == "LA" else "RGB")
-        notes.append("converted greyscale to RGB: colour concerns (redness, age spots, dark circles, radiance) "
-                     "cannot be measured on a greyscale photo")
+        notes.append("converted greyscale to RGB: colour concerns (redness, acne, age spots, dark circles, "
+                     "radiance) cannot be measured on a greyscale photo")
     elif mode not in ("RGB", "RGBA", "LA"):
         img = img.convert("RGB")
         notes.append(f"converted {mode} pixels to RGB")
@@ -408,6 +412,7 @@ def prepare_image(source: ImageSource, *, tier: str = "sd", downscale: bool = Fa
         reencode = True
         changes.append(f"rotated upright from EXIF orientation {orientation} and re-encoded as {fmt.upper()}"
                        + (" (quality 95)" if fmt == "jpeg" else ""))
+    greyscale = img.mode in ("L", "LA", "1", "F") or img.mode.startswith("I")
     img, notes = _normalise_mode(img, sixteen_bit=fmt == "png" and len(data) > 24 and data[24] == 16)
     if notes:
         reencode = True
@@ -450,5 +455,5 @@ def prepare_image(source: ImageSource, *, tier: str = "sd", downscale: bool = Fa
         content_type="image/png" if fmt == "png" else "image/jpeg",
         width=width, height=height,
         sha256=hashlib.sha256(data).hexdigest(),
-        source_name=name, changes=changes,
+        source_name=name, changes=changes, greyscale=greyscale,
     )

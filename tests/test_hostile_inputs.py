@@ -338,7 +338,7 @@ def _rgba_with_hole() -> Image.Image:
 @pytest.mark.parametrize("kind, make, name, changes, ctype", NORMALISED, ids=[n[0] for n in NORMALISED])
 def test_normalised_and_reported(rig, tmp_path, kind, make, name, changes, ctype):
     path = write(tmp_path, name, make())
-    plan = rig.client.plan(path, ["redness"])
+    plan = rig.client.plan(path, ["wrinkle"] if "gr" in kind or "bilevel" in kind else ["redness"])
     prep = plan.prepared
     assert len(prep.changes) == len(changes), prep.changes
     for pattern, text in zip(changes, prep.changes):
@@ -526,3 +526,16 @@ def test_catalogue_size():
              | {"non-ascii-name", "face-too-small", "no-face", "two-faces", "wrong-key", "expired-task-id",
                 "tag-sheet-missing-row", "tag-sheet-duplicate-rows"})
     assert len(kinds) >= 40, len(kinds)
+
+
+@pytest.mark.parametrize("kind", ["greyscale-jpeg", "greyscale-alpha-png", "bilevel-png", "16-bit-grey-png"])
+def test_colour_concerns_on_a_greyscale_photo_are_refused_before_anything_is_sent(rig, tmp_path, kind):
+    make, name = next((m, n) for k, m, n, _, _ in NORMALISED if k == kind)
+    path = write(tmp_path, name, make())
+    with pytest.raises(errors.ImageError, match=r"greyscale photo, and redness, dark_circle_v2 measure colour.*"
+                                                r"Drop those actions"):
+        rig.client.plan(path, ["wrinkle", "redness", "dark_circle_v2"])
+    assert rig.client.plan(path, ["wrinkle", "pore"]).prepared.greyscale is True
+    rig.assert_nothing_sent()
+    # a colour photo of a grey card is not a greyscale file: nothing is refused
+    assert rig.client.plan(write(tmp_path, "card.jpg", _exif_jpeg(1)), ["redness"]).prepared.greyscale is False
