@@ -1167,6 +1167,8 @@ def m_age_spot(ctx) -> ConcernMeasurement:
 
 
 ACNE_MID, ACNE_SCALE = 10.0, 4.0
+#: a lesion counts fully in the score once its Δa* is this far above ACNE_MIN_DA
+ACNE_SOFT_DA = 4.0
 
 
 def m_acne(ctx) -> ConcernMeasurement:
@@ -1175,11 +1177,17 @@ def m_acne(ctx) -> ConcernMeasurement:
     n = len(blobs)
     a_cm2 = float(area.sum()) / (v.ppmm * 10.0) ** 2
     frac = 100.0 * float((canvas > 0).sum()) / max(1, int(area.sum()))
-    x = n + 2.0 * frac
+    # the score weighs each lesion by how clearly it clears the detection threshold, so that a
+    # blob just at the threshold (which a small change of exposure or compression can tip either
+    # way) moves the score a little, not by a whole lesion
+    w = np.clip((blobs[:, 3] - ACNE_MIN_DA) / ACNE_SOFT_DA, 0.0, 1.0) if n else np.zeros(0)
+    weighted = float(w.sum())
+    x = weighted + 2.0 * frac * (float(w.mean()) if n else 0.0)
     raw = decreasing(x, ACNE_MID, ACNE_SCALE)
     meas = {"lesion_count": n, "lesion_area_fraction_pct": frac,
             "lesions_per_10cm2": 10.0 * n / a_cm2 if a_cm2 > 0 else 0.0,
-            "lesion_mean_delta_a_star": float(blobs[:, 3].mean()) if n else 0.0}
+            "lesion_mean_delta_a_star": float(blobs[:, 3].mean()) if n else 0.0,
+            "lesion_weighted_count": weighted}
     return _result("acne", {"whole": raw}, {"whole": mask_from_view(ctx, v, canvas)}, meas)
 
 

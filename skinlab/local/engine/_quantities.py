@@ -155,6 +155,8 @@ _add("acne", "lesion_area_fraction_pct", "lesion_area_fraction", "whole", "%")
 _add("acne", "lesions_per_10cm2", "lesion_density", "whole", "1/10 cm²")
 _add("acne", "lesion_mean_delta_a_star", "lesion_mean_redness", "whole", "Δa*",
      description="a* above the local background")
+_add("acne", "lesion_weighted_count", "weighted_lesion_count", "whole", "count", "index",
+     "sum over lesions of min(1, (Δa* − 6) / 4): the count the score uses")
 
 # --- colour ----------------------------------------------------------------------------------
 _add("redness", "a_star_mean", "a_star_mean", "central_face", "a*", description="cheeks, nose and chin skin")
