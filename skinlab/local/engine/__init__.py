@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 #: The engine's own version; ``ENGINE_VERSION`` appends the face backend in use.
-ENGINE_BASE_VERSION = "0.2.2"
+ENGINE_BASE_VERSION = "0.2.3"
 
 from ._landmarks import LandmarkFallbackWarning, backend_name as _backend_name  # noqa: E402
 from ._model import fetch_model  # noqa: E402

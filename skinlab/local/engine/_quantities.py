@@ -148,7 +148,7 @@ _add("age_spot", "spot_area_fraction_pct", "spot_area_fraction", "whole", "%")
 _add("age_spot", "spots_per_10cm2", "spot_density", "whole", "1/10 cm²")
 _add("age_spot", "spot_mean_diameter_mm", "spot_mean_diameter", "whole", "mm")
 _add("age_spot", "spot_mean_darkness_l_star", "spot_mean_darkness", "whole", "ΔL*",
-     description="below the local background")
+     description="below the local background, exposure-normalised to skin of L* 65")
 _add("age_spot", "spot_threshold_l_star", "spot_threshold", "whole", "ΔL*", "diagnostic")
 _add("acne", "lesion_count", "lesion_count", "whole", "count")
 _add("acne", "lesion_area_fraction_pct", "lesion_area_fraction", "whole", "%")
