@@ -10,7 +10,8 @@ bytes to upload. In order it:
    (decompression bombs), then decodes;
 4. applies the EXIF orientation (the image is re-encoded upright);
 5. brings unusual pixel formats to 8-bit RGB: CMYK, greyscale (with a warning that colour
-   concerns cannot be measured), 16-bit, palette; transparency is flattened onto white;
+   concerns cannot be measured), 16-bit, palette; transparency is flattened onto white; an RGB
+   file whose pixels are all grey is flagged as greyscale too;
 6. removes metadata (EXIF, which can hold the GPS position and camera serial, XMP, IPTC,
    comments, PNG text) without touching the pixels where possible, and says exactly what it
    removed;
@@ -113,7 +114,8 @@ class PreparedImage:
     changes : list of str
         Every change made, in plain words (empty when the bytes are the original).
     greyscale : bool
-        The file held no colour (greyscale, bilevel or 16-bit grey pixels), so the colour
+        The file held no colour (greyscale, bilevel or 16-bit grey pixels, or RGB pixels that are
+        grey in 99 % of the image, as a black-and-white scan saved as RGB), so the colour
         concerns (:data:`skinlab.actions.COLOUR_CONCERNS`) cannot be measured on it.
     """
 
@@ -292,6 +294,25 @@ def _strip_png_metadata(data: bytes) -> tuple[bytes, list[str]]:
     return bytes(out), removed
 
 
+#: a photo whose channels differ by at most this much (8-bit levels) in 99 % of its pixels is
+#: grey stored as RGB (a grey JPEG decodes with channel differences of 0-2; 10 % of the colour of
+#: a real portrait already gives about 16)
+GREY_SPREAD_LEVELS = 3
+
+
+def _holds_no_colour(img) -> bool:
+    """True when an RGB image is grey throughout (judged on a copy of at most 256 px)."""
+    import numpy as np
+
+    if img.mode != "RGB":
+        return False
+    small = img.copy()
+    small.thumbnail((256, 256))
+    a = np.asarray(small, dtype=np.int16)
+    spread = a.max(axis=-1) - a.min(axis=-1)
+    return bool(np.percentile(spread, 99) <= GREY_SPREAD_LEVELS)
+
+
 def _normalise_mode(img, *, sixteen_bit: bool = False):
     """Bring an unusual pixel format to 8-bit RGB (or opaque RGBA); return (image, changes).
 
@@ -417,6 +438,10 @@ def prepare_image(source: ImageSource, *, tier: str = "sd", downscale: bool = Fa
     if notes:
         reencode = True
         changes.extend(notes)
+    if not greyscale and _holds_no_colour(img):
+        greyscale = True
+        changes.append("found no colour: every pixel is grey although the file stores RGB, so colour concerns "
+                       "(redness, acne, age spots, dark circles, radiance) cannot be measured on it")
     stripper = _strip_jpeg_metadata if fmt == "jpeg" else _strip_png_metadata
     if reencode:  # re-encoding drops the metadata too: report what the original carried
         _, removed = stripper(data)

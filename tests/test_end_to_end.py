@@ -644,6 +644,49 @@ def test_cli_rewords_python_advice(library, cli):
     assert _cli_text("nothing to change here: skinlab.Ledger, force") == "nothing to change here: skinlab.Ledger, force"
 
 
+def _library_texts() -> list[str]:
+    """Every string the library (all of skinlab but the command line) can build in one
+    expression: literals, f-strings with each interpolation as ``X`` (``'X'`` for ``!r``) and
+    ``+`` chains of them."""
+    import ast
+    import pathlib
+
+    import skinlab
+
+    def flat(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return node.value
+        if isinstance(node, ast.JoinedStr):
+            return "".join(v.value if isinstance(v, ast.Constant) else ("'X'" if v.conversion == 114 else "X")
+                           for v in node.values)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+            left, right = flat(node.left), flat(node.right)
+            if left is not None or right is not None:
+                return (left or "X") + (right or "X")
+        return None
+
+    texts = []
+    for path in pathlib.Path(skinlab.__file__).parent.rglob("*.py"):
+        if path.name != "cli.py":
+            texts += [t for t in map(flat, ast.walk(ast.parse(path.read_text(encoding="utf-8")))) if t]
+    return texts
+
+
+def test_every_cli_rewording_still_matches_a_library_message():
+    """The command line re-words library advice by pattern; a library message re-phrased without
+    its pattern would reach command-line users with Python advice. Each pattern must still match
+    some message the library builds."""
+    import re
+
+    from skinlab.cli import _CLI_WORDING, _EMBEDDED_WORDING
+
+    texts = _library_texts()
+    assert len(texts) > 500
+    stale = [pattern for pattern, _ in _EMBEDDED_WORDING + _CLI_WORDING
+             if not any(re.search(pattern, t) for t in texts)]
+    assert not stale, f"no library message matches these re-wordings any more: {stale}"
+
+
 class _SlowStream(io.StringIO):
     """A terminal slow enough that a line written in two pieces lets another thread in between."""
 

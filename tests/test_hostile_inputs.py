@@ -315,7 +315,10 @@ NORMALISED = [
      "indexed.png", [r"^converted the palette \(indexed-colour\) image to RGB$"], "image/png"),
     ("rgba-png-transparent", lambda: encode(_rgba_with_hole(), "PNG"), "cutout_rgba.png",
      [r"^flattened transparency onto white \(25% of the pixels"], "image/png"),
-    ("png-named-jpg", lambda: encode(Image.new("RGB", (480, 640), (1, 2, 3)), "PNG"), "really_png.jpg", [],
+    ("grey-stored-as-rgb-jpeg", lambda: encode(Image.linear_gradient("L").resize((480, 640)).convert("RGB"), "JPEG"),
+     "bw_scan.jpg", [r"^found no colour: every pixel is grey although the file stores RGB, so colour concerns"],
+     "image/jpeg"),
+    ("png-named-jpg", lambda: encode(Image.new("RGB", (480, 640), (10, 20, 30)), "PNG"), "really_png.jpg", [],
      "image/png"),
     ("jpeg-with-gps", lambda: _exif_jpeg(1), "gps.jpg", [r"^removed metadata before upload: EXIF \(with GPS position\)$"],
      "image/jpeg"),
@@ -528,7 +531,8 @@ def test_catalogue_size():
     assert len(kinds) >= 40, len(kinds)
 
 
-@pytest.mark.parametrize("kind", ["greyscale-jpeg", "greyscale-alpha-png", "bilevel-png", "16-bit-grey-png"])
+@pytest.mark.parametrize("kind", ["greyscale-jpeg", "greyscale-alpha-png", "bilevel-png", "16-bit-grey-png",
+                                  "grey-stored-as-rgb-jpeg"])
 def test_colour_concerns_on_a_greyscale_photo_are_refused_before_anything_is_sent(rig, tmp_path, kind):
     make, name = next((m, n) for k, m, n, _, _ in NORMALISED if k == kind)
     path = write(tmp_path, name, make())
@@ -537,5 +541,19 @@ def test_colour_concerns_on_a_greyscale_photo_are_refused_before_anything_is_sen
         rig.client.plan(path, ["wrinkle", "redness", "dark_circle_v2"])
     assert rig.client.plan(path, ["wrinkle", "pore"]).prepared.greyscale is True
     rig.assert_nothing_sent()
-    # a colour photo of a grey card is not a greyscale file: nothing is refused
+    # a colour photo of a grey card with a red patch is not a greyscale file: nothing is refused
     assert rig.client.plan(write(tmp_path, "card.jpg", _exif_jpeg(1)), ["redness"]).prepared.greyscale is False
+
+
+def test_a_faintly_coloured_portrait_is_not_taken_for_grey(rig, tmp_path):
+    """The grey test looks at channel differences: a real portrait with only 10 % of its colour
+    left still holds colour, and its colour concerns are planned."""
+    from skimage import data
+
+    rgb = data.astronaut().astype(float)
+    grey = rgb.mean(axis=-1, keepdims=True)
+    faint = Image.fromarray(np.clip(grey + 0.1 * (rgb - grey), 0, 255).astype(np.uint8))
+    plan = rig.client.plan(write(tmp_path, "faint.jpg", encode(faint, "JPEG", quality=90)), ["redness"])
+    assert plan.prepared.greyscale is False
+    assert not any("no colour" in c for c in plan.prepared.changes)
+    rig.assert_nothing_sent()
