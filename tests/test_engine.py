@@ -223,6 +223,37 @@ def test_head_angle_is_checked_with_landmarks_only_and_roll_is_measured(crops):
         assert c.details["roll_deg"] - base == pytest.approx(-angle, abs=2.0)
 
 
+
+@pytest.mark.parametrize("name, tier", CASES)
+def test_an_upside_down_photo_fails_the_head_angle_check(crops, name, tier):
+    """The landmark mesh is always fitted upright, so a photo turned by 180 degrees (one that lost
+    its EXIF orientation) used to pass with a small roll and get plausible, wrong scores. Lips
+    on the forehead and brows on the cheeks give it away: check 11 fails with a roll near 180."""
+    if not FACE_BACKEND.startswith("mediapipe"):
+        pytest.skip("the head-angle check needs the landmark backend")
+    img = crops[(name, tier)]
+    upright = check_image(img)
+    assert upright.error is None and upright.details["upside_down"] is False
+    assert upright.details["lips_minus_cheek_a_star"] > 5
+    turned = check_image(np.ascontiguousarray(img[::-1, ::-1]))
+    assert turned.error == "error_large_face_angle", turned.details
+    assert turned.details["upside_down"] is True
+    assert abs(turned.details["roll_deg"]) > 150
+
+
+@pytest.mark.parametrize("name", ["astronaut", "hopper"])
+def test_orientation_cues_on_grey_photos(crops, name):
+    """A grey photo has no lip colour: only brows far lighter than the cheeks mean upside down,
+    so an upright grey face is never refused for it."""
+    if not FACE_BACKEND.startswith("mediapipe"):
+        pytest.skip("the head-angle check needs the landmark backend")
+    grey = np.repeat(crops[(name, "sd")].mean(axis=-1, keepdims=True), 3, axis=-1).astype(np.uint8)
+    chk = check_image(grey)
+    assert chk.error is None and chk.details["upside_down"] is False
+    if name == "astronaut":
+        turned = check_image(np.ascontiguousarray(grey[::-1, ::-1]))
+        assert turned.error == "error_large_face_angle" and turned.details["upside_down"] is True
+
 def test_bad_input_raises():
     with pytest.raises(ValueError):
         check_image(np.zeros((100, 100), np.uint8))

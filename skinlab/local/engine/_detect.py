@@ -201,23 +201,56 @@ def check_image(rgb, *, config: GateConfig | None = None) -> FaceCheck:
     return _check_cascade(rgb, cfg)
 
 
-def _landmark_skin_lightness(rgb: np.ndarray, P: np.ndarray) -> float:
-    """Median L* of the cheeks and nose (landmark polygons), on a copy ~200 px across the face."""
-    from ._regions import CHEEK, NOSE, Raster
+#: an upright face has lips redder than its cheeks (Δa* 7.7 to 13.4 on the two test portraits)
+#: and brows darker than its cheeks (ΔL* 5.5 to 11.4); a mesh fitted to an upside-down face
+#: puts its lips on the forehead and its brows on the cheeks (-4.6 to -0.4 and -29 to 0.8).
+#: Below both limits the face is taken as upside down. A grey photo has no a*: there only brows
+#: far lighter than the cheeks count (the inverted astronaut in grey: -33; upright Grace Hopper
+#: in grey: +1.9).
+UPRIGHT_MIN_LIP_A = 2.5
+UPRIGHT_MIN_BROW_L = 2.5
+UPRIGHT_MIN_BROW_L_GREY = -10.0
+#: cheek chroma (C*ab) below which a photo counts as grey for the orientation cues
+GREY_MAX_CHROMA = 3.0
+
+
+def _landmark_face_facts(rgb: np.ndarray, P: np.ndarray) -> dict:
+    """Measured on a copy ~200 px across the face, with the landmark polygons: ``skin_l`` (median
+    L* of the cheeks and nose), and the two orientation cues ``lips_minus_cheek_a_star`` and
+    ``cheek_minus_brow_l_star`` (medians; absent when a polygon is too small)."""
+    from ._color import lin_to_lab
+    from ._regions import BROW, CHEEK, LIPS, NOSE, Raster
 
     H, W = rgb.shape[:2]
     x0, x1 = int(max(0, np.floor(P[:468, 0].min()))), int(min(W, np.ceil(P[:468, 0].max()) + 1))
     y0, y1 = int(max(0, np.floor(P[:468, 1].min()))), int(min(H, np.ceil(P[:468, 1].max()) + 1))
     if x1 - x0 < 4 or y1 - y0 < 4:
-        return float("nan")
+        return {"skin_l": float("nan")}
     step = max(1, (x1 - x0) // 200)
     sub = rgb[y0:y1:step, x0:x1:step]
     Q = (P[:, :2] - (x0, y0)) / step
     rs = Raster(sub.shape[:2], Q, 1.0)
-    m = rs.hull(CHEEK["l"]) | rs.hull(CHEEK["r"]) | rs.hull(NOSE)
+    cheeks = rs.hull(CHEEK["l"]) | rs.hull(CHEEK["r"])
+    m = cheeks | rs.hull(NOSE)
     if m.sum() < 10:
-        return float("nan")
-    return float(np.median(lightness(sub[m])))
+        return {"skin_l": float("nan")}
+    out = {"skin_l": float(np.median(lightness(sub[m])))}
+    lips, brows = rs.poly(LIPS), rs.poly(BROW["l"]) | rs.poly(BROW["r"])
+    if lips.sum() >= 5 and brows.sum() >= 5 and cheeks.sum() >= 10:
+        L, a, b = lin_to_lab(srgb_to_linear(sub.astype(np.float32) / 255.0))
+        out["lips_minus_cheek_a_star"] = float(np.median(a[lips]) - np.median(a[cheeks]))
+        out["cheek_minus_brow_l_star"] = float(np.median(L[cheeks]) - np.median(L[brows]))
+        out["cheek_chroma"] = float(np.median(np.hypot(a[cheeks], b[cheeks])))
+    return out
+
+
+def _looks_upside_down(facts: dict) -> bool:
+    if "lips_minus_cheek_a_star" not in facts:
+        return False
+    if facts["cheek_chroma"] < GREY_MAX_CHROMA:
+        return facts["cheek_minus_brow_l_star"] < UPRIGHT_MIN_BROW_L_GREY
+    return (facts["lips_minus_cheek_a_star"] < UPRIGHT_MIN_LIP_A
+            and facts["cheek_minus_brow_l_star"] < UPRIGHT_MIN_BROW_L)
 
 
 def _check_landmarks(rgb: np.ndarray, cfg: GateConfig, lm) -> FaceCheck:
@@ -250,7 +283,8 @@ def _check_landmarks(rgb: np.ndarray, cfg: GateConfig, lm) -> FaceCheck:
     details["out_of_bound_fraction"] = overflow
     if overflow > cfg.out_of_bound_tolerance:
         return FaceCheck("error_src_face_out_of_bound", faces, frac, details)
-    skin_l = _landmark_skin_lightness(rgb, P)
+    facts = _landmark_face_facts(rgb, P)
+    skin_l = facts["skin_l"]
     details["skin_l_median"] = skin_l
     details["dark_threshold_l"] = cfg.dark_threshold_l
     if not skin_l >= cfg.dark_threshold_l:
@@ -262,8 +296,16 @@ def _check_landmarks(rgb: np.ndarray, cfg: GateConfig, lm) -> FaceCheck:
             return FaceCheck("error_multiple_people", faces, frac, details)
     details["head_angle_checked"] = True
     details["max_angles_deg"] = [cfg.max_yaw_deg, cfg.max_pitch_deg, cfg.max_roll_deg]
+    # the mesh is always fitted upright: an upside-down photo (say, one that lost its EXIF
+    # orientation) gets a small measured roll, so its orientation is judged from colour too
+    roll = fl.roll
+    details["upside_down"] = _looks_upside_down(facts)
+    details.update({k: v for k, v in facts.items() if k != "skin_l"})
+    if details["upside_down"]:
+        roll = (roll + 360.0) % 360.0 - 180.0 if roll >= 0 else roll + 180.0
+        details["roll_deg"] = roll
     if not (abs(fl.yaw) <= cfg.max_yaw_deg and abs(fl.pitch) <= cfg.max_pitch_deg
-            and abs(fl.roll) <= cfg.max_roll_deg):
+            and abs(roll) <= cfg.max_roll_deg):
         return FaceCheck("error_large_face_angle", faces, frac, details)
     return FaceCheck(None, faces, frac, details)
 
