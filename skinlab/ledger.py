@@ -59,7 +59,9 @@ Guarantees
   its owner is alive and its heartbeat fresh (:data:`HEARTBEAT_STALE_S`), the submit waits for
   it through the ledger (within its ``timeout``) and reuses the success; otherwise (crashed
   process, emulator gone) the row is closed as ``error``/``task_lost`` and the image is analysed
-  again, since local tasks are free. A local task that its own emulator no longer knows
+  again, since local tasks are free. An emulator that still accepts connections (``skinlab
+  serve`` outlives the run that used it) may still hold the task: its row is left running for a
+  client of that emulator to collect, and the image is analysed again all the same. A local task that its own emulator no longer knows
   (restarted) is analysed again the same way, once. Cloud tasks stay valid for 24 h after
   completion and are always resumed by polling; none of this applies to them.
 * **One local engine version per reuse.** A recorded local success is reused only when its
@@ -403,6 +405,30 @@ def _describe_owner(owner: str | None) -> str:
         return "a process that recorded no owner (an older skinlab)"
     host, pid, _ = parsed
     return f"process {pid}" + ("" if host == _HOST else f" on {host}")
+
+
+def _emulator_answers(base_url: str | None, timeout: float = 0.3) -> bool:
+    """Whether something accepts connections at a loopback ``base_url`` (a local emulator that is
+    still up). Only loopback addresses are tried; anything else counts as not answering."""
+    from ._net import is_loopback_url
+
+    if not base_url or not is_loopback_url(base_url):
+        return False
+    parts = urlsplit(base_url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        with socket.create_connection((parts.hostname, port), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _gone_with(row: Mapping[str, Any]) -> str:
+    """How a local emulator that no longer answers went: with its process, or on its own."""
+    parsed = _parse_owner(row.get("owner"))
+    if parsed is not None and parsed[0] == _HOST and _pid_alive(parsed[1]):
+        return f"which no longer answers (it was started by {_describe_owner(row.get('owner'))}, still running)"
+    return f"gone with {_describe_owner(row.get('owner'))}"
 
 
 #: How often a process polling a task refreshes its row's heartbeat (``updated_at``), seconds.
@@ -1406,14 +1432,16 @@ class Ledger:
                 return "reuse", r, [], None
             if why is None:  # local, another engine version: its scores are not this engine's
                 why = (r["id"], f"was recorded with engine {r['engine'] or 'unknown'}, current is {engine}")
-        stale = []
+        stale, elsewhere = [], []
         for r in rows:
             if r["status"] in ("running", "timeout") and r["task_id"]:
                 if local and base_url is not None and r["base_url"] != base_url:
                     # the task lives in another local emulator, which this client cannot poll
                     if self._working_elsewhere(r):
                         return "wait", r, [], None
-                    stale.append(r)
+                    # nobody polls it: an emulator that still answers (``skinlab serve``, or a live
+                    # process's own) keeps the task, so the row is left for a client of it
+                    (elsewhere if _emulator_answers(r["base_url"]) else stale).append(r)
                     continue
                 return "attach", r, [], None
         for r in rows:
@@ -1423,8 +1451,12 @@ class Ledger:
             if r["status"] in ("queued", "uploading") and self._live(r):
                 return "busy", r, [], None
         if stale and why is None:
-            why = (stale[0]["id"], f"'s task was in another local emulator ({stale[0]['base_url']}), gone with "
-                                   f"{_describe_owner(stale[0].get('owner'))}")
+            why = (stale[0]["id"], f"'s task was in another local emulator ({stale[0]['base_url']}), "
+                                   f"{_gone_with(stale[0])}")
+        if elsewhere and why is None:
+            why = (elsewhere[0]["id"], f"'s task is in another local emulator ({elsewhere[0]['base_url']}), which "
+                                       f"this client cannot poll and no process has polled for over "
+                                       f"{HEARTBEAT_STALE_S:g} s; that submission is left as it is")
         return "new", None, stale, why
 
     def _identity(self, client, plan) -> tuple[str, str, str]:
@@ -1500,8 +1532,8 @@ class Ledger:
             for r in stale:  # local tasks whose emulator went with their process: lost, and free to redo
                 self._set(cur, r["id"], guard_status=("running", "timeout"), status="error", error_code="task_lost",
                           units_charged=0, completed_at=now, owner=None,
-                          error_message=f"Its task ran in the local emulator at {r['base_url']}, which is gone with "
-                                        f"{_describe_owner(r.get('owner'))} that ran it, and the task went with it. "
+                          error_message=f"Its task ran in the local emulator at {r['base_url']}, "
+                                        f"{_gone_with(r)}, and the task went with it. "
                                         f"Local tasks are free: analysed again as submission {new_id}.")
             for sid in lost:
                 old = cur.execute("SELECT error_message FROM submissions WHERE id = ?", (sid,)).fetchone()
@@ -1777,6 +1809,7 @@ class Ledger:
         rows = self._read("SELECT * FROM submissions WHERE status IN ('running','timeout') AND task_id IS NOT NULL "
                           "ORDER BY id")
         skipped = elsewhere = 0
+        others: set[str] = set()
         base_url = _strip_userinfo(client.base_url)
         for r in rows:
             if r["backend_key"] != backend_key:
@@ -1787,11 +1820,13 @@ class Ledger:
                 if self._working_elsewhere(dict(r)):
                     elsewhere += 1
                     continue
+                if _emulator_answers(r["base_url"]):  # still up (skinlab serve): its task may be there
+                    others.add(r["base_url"])
+                    continue
                 self._update(r["id"], guard_status=("running", "timeout"), status="error", error_code="task_lost",
                              units_charged=0, completed_at=_now(), owner=None,
-                             error_message=f"Its task ran in the local emulator at {r['base_url']}, which is gone "
-                                           f"with {_describe_owner(r['owner'])} that ran it, and the task went "
-                                           "with it.")
+                             error_message=f"Its task ran in the local emulator at {r['base_url']}, "
+                                           f"{_gone_with(dict(r))}, and the task went with it.")
                 before[r["id"]] = r["status"]
                 continue
             before[r["id"]] = r["status"]
@@ -1826,6 +1861,10 @@ class Ledger:
         if elsewhere:
             log.info("resume: %d running local task(s) are being polled by another live process in its own "
                      "emulator; that process records them.", elsewhere)
+        if others:
+            log.warning("resume: running local task(s) are in another local emulator that still answers (%s) and "
+                        "were not polled; resume with a client of it (Client(base_url=...)).",
+                        ", ".join(sorted(others)))
         cols = ["submission_id", "image_name", "before", "status", "task_id", "error_code", "next_step"]
         return pd.DataFrame(report, columns=cols)
 

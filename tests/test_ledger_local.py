@@ -84,7 +84,9 @@ def test_resume_closes_a_running_task_of_a_gone_local_emulator_without_polling_i
         report = ledger.resume(client, timeout=5)
         row = ledger.get(sub.id)
         assert list(report.status) == ["error"] and row.error_code == "task_lost" and row.units_charged == 0
-        assert "which is gone" in row.error_message and "Local tasks are free" in row.next_step
+        # this process, which started that emulator, is alive: the emulator is said to be gone, not the process
+        assert "which no longer answers" in row.error_message and "still running" in row.error_message
+        assert "Local tasks are free" in row.next_step
         again = ledger.submit(client, photos[1], ["redness"], timeout=60)
         assert again.status == "success" and not again.reused
     ledger.close()
@@ -129,6 +131,44 @@ def test_local_success_is_reused_only_with_the_same_engine_version(tmp_path, pho
         latest = ledger.submissions(status="success").groupby("image_name").tail(1)
         assert set(latest.engine) == {current}
         ledger.close()
+
+
+def test_a_task_in_another_emulator_that_still_answers_is_left_for_it(tmp_path, photos, monkeypatch):
+    """A ``skinlab serve`` emulator outlives the run that used it: when nobody polls a task in it
+    any more, another client analyses the image again (free) but does not close that row as lost
+    with a false "gone with process N"; resume leaves it too, and a client of that emulator
+    collects it later."""
+    import logging
+
+    import skinlab.ledger as ledger_mod
+
+    db = tmp_path / "ledger.sqlite"
+    ledger = Ledger(db)
+    with LocalServer(task_duration_s=0.5, rate_limit=None) as served, \
+            LocalServer(task_duration_s=0, rate_limit=None) as other:
+        first = ledger.submit(client_of(served), photos[2], ["redness"], wait=False)
+        assert first.status == "running"
+        monkeypatch.setattr(ledger_mod, "HEARTBEAT_STALE_S", 0.0)  # nobody has polled it "for long"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", LedgerReuseWarning)
+            caplog_records = []
+            handler = logging.Handler()
+            handler.emit = caplog_records.append
+            logging.getLogger("skinlab").addHandler(handler)
+            try:
+                report = Ledger(db).resume(client_of(other), timeout=5)
+            finally:
+                logging.getLogger("skinlab").removeHandler(handler)
+            assert report.empty and ledger.get(first.id).status == "running"
+            assert any(served.url in r.getMessage() and "still answers" in r.getMessage() for r in caplog_records)
+            again = ledger.submit(client_of(other), photos[2], ["redness"], timeout=60)
+        assert again.status == "success" and not again.reused and again.id != first.id
+        assert "left as it is" in again.note and "gone with" not in again.note, again.note
+        assert ledger.get(first.id).status == "running"  # not closed as task_lost
+        time.sleep(0.6)
+        ledger.resume(client_of(served), timeout=10)  # a client of that emulator collects it
+        assert ledger.get(first.id).status == "success"
+    ledger.close()
 
 
 def test_cloud_reuse_and_cloud_running_rows_are_unchanged(tmp_path):
