@@ -371,6 +371,7 @@ def _dry_run(report: BatchReport, sources, names, ledger, client, tags, force, o
              max_units: int | None = None) -> None:
     """What :func:`_run` would do, decided by the same ledger look-up, at the same cost."""
     total = 0
+    planned: dict[str, str] = {}  # source key -> the label of the first image planned with it
     for item, src in zip(report.items, sources):
         try:
             decision = ledger.lookup(client, src, names, force=force, **options)
@@ -380,6 +381,10 @@ def _dry_run(report: BatchReport, sources, names, ledger, client, tags, force, o
         item.submission_id = decision.submission_id
         if decision.decision == "reuse":
             item.outcome = "reused"
+        elif decision.creates_task and not force and decision.source_key in planned:
+            # the same bytes earlier in this run: the run creates one task and reuses it here
+            item.outcome = "reused"
+            item.note = f"the same photo as {planned[decision.source_key]} earlier in this run: its result is reused"
         elif decision.decision in _HELD:
             item.outcome, item.reason, item.error = "held", _HELD[decision.decision], decision.note
         elif max_units is not None and total + decision.units > max_units:
@@ -390,6 +395,7 @@ def _dry_run(report: BatchReport, sources, names, ledger, client, tags, force, o
             item.outcome, item.units = "planned", decision.units
             item.note = decision.rerun
             total += decision.units
+            planned.setdefault(decision.source_key, item.label)
     report.units_estimated = total
     try:
         report.balance = client.balance()

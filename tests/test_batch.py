@@ -259,6 +259,31 @@ def test_max_units_goes_to_the_images_in_input_order_as_the_dry_run_lists_them(c
         assert len(server.app.task_ids()) == 2
 
 
+
+def test_dry_run_counts_identical_photos_in_one_run_once_as_the_run_does(cohort, tmp_path):
+    """Two files with the same bytes make one task: the dry run lists the second as reused (at no
+    cost), so it says what the run then sends (it used to count both)."""
+    import shutil
+
+    folder = tmp_path / "dup"
+    folder.mkdir()
+    for name in ("A_1.jpg", "B_1.jpg"):
+        shutil.copy(cohort / "astronaut_t0.jpg", folder / name)
+    shutil.copy(cohort / "hopper_t0.jpg", folder / "C_1.jpg")
+    with skinlab.local.serve(task_duration_s=0) as server, _client(server) as client:
+        ledger = Ledger(tmp_path / "l.sqlite")
+        plan = analyze_many(folder, "redness", ledger=ledger, client=client, dry_run=True, progress=False)
+        assert [i.outcome for i in plan.items] == ["planned", "reused", "planned"]
+        assert "the same photo as A_1.jpg earlier in this run" in plan.items[1].note
+        assert plan.units_estimated == 18
+        report = analyze_many(folder, "redness", ledger=ledger, client=client, progress=False, max_workers=3)
+        assert report.units_spent == plan.units_estimated and len(server.app.task_ids()) == 2
+        assert sorted(i.outcome for i in report.items) == ["done", "done", "reused"]
+        forced = analyze_many(folder, "redness", ledger=ledger, client=client, dry_run=True, force=True,
+                              progress=False)
+        assert [i.outcome for i in forced.items] == ["planned"] * 3  # force=True sends each file
+        ledger.close()
+
 def test_backend_is_stated_on_the_progress_bar_and_at_the_start(cohort, tmp_path, capsys, caplog):
     import logging
 
