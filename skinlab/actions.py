@@ -242,7 +242,15 @@ def resolve_actions(spec: str | Iterable[str], *, hd: bool = False) -> list[str]
     case-insensitively and surrounding whitespace is ignored (``" Wrinkle"`` is ``"wrinkle"``).
     The result is not yet validated; pass it to :func:`validate_actions`.
     """
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    if isinstance(spec, str):
+        items = spec.split(",")
+    else:
+        try:
+            items = list(spec)
+        except TypeError:
+            raise InvalidParametersError(
+                f"actions must be 'all', a comma-separated string or a list of concern or action names "
+                f"(e.g. 'wrinkle,pore' or ['redness']), not {type(spec).__name__}") from None
     names: list[str] = []
     for raw in items:
         item = _clean_name(raw)

@@ -204,6 +204,9 @@ __all__ = [
 log = logging.getLogger("skinlab.ledger")
 
 STATUSES = ("queued", "uploading", "running", "success", "error", "timeout", "ambiguous")
+#: Filters whose values are a closed set: a typo is an error, not an empty table.
+_FILTER_VALUES = {"status": STATUSES, "backend": ("cloud", "local"), "tier": ("sd", "hd"),
+                  "format": ("zip", "json"), "api_version": ("v2.0", "v2.1")}
 #: Statuses whose row stops a new task for the same submission (unless ``force=True``).
 _BLOCKING = ("success", "running", "timeout", "ambiguous", "queued", "uploading")
 
@@ -2094,10 +2097,12 @@ class Ledger:
                     "tier", "format", "api_version", "image_sha256"):
             if filters.get(key) is not None:
                 value = filters.pop(key)
-                if key == "status":
-                    bad = {v for v in ([value] if isinstance(value, str) else value) if v not in STATUSES}
+                if key in _FILTER_VALUES:
+                    known = _FILTER_VALUES[key]
+                    bad = {v for v in ([value] if isinstance(value, str) else value) if v not in known}
                     if bad:
-                        raise LedgerError(f"Unknown status {sorted(bad)}; statuses are {', '.join(STATUSES)}.")
+                        raise LedgerError(f"Unknown {key} {sorted(map(str, bad))}; the {key} values are "
+                                          f"{', '.join(known)}.")
                 many(key, value)
             else:
                 filters.pop(key, None)

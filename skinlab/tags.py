@@ -52,6 +52,38 @@ def _norm_key(key: Any) -> str:
     return text.lower() if text.lower() in FIXED_TAGS else text
 
 
+#: Short forms of the fixed tags; a column or field spelled so is probably meant as one. (Names
+#: of other study facts, such as visit or group, are left alone: they are often wanted as well.)
+_FIXED_ALIASES = {"subj": "subject", "subject_id": "subject", "subjectid": "subject", "tp": "timepoint",
+                  "time_point": "timepoint", "cond": "condition"}
+
+
+def _near_fixed(name: str) -> str | None:
+    """The fixed tag a free tag name looks like a spelling of (``subj`` -> subject), or None."""
+    import difflib
+
+    low = name.lower()
+    if low in FIXED_TAGS:
+        return None
+    if low in _FIXED_ALIASES:
+        return _FIXED_ALIASES[low]
+    close = difflib.get_close_matches(low, FIXED_TAGS, n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+def _warn_near_fixed(names: Iterable[str], where: str) -> None:
+    import warnings
+
+    names = list(names)
+    present = {n.lower() for n in names}
+    for name in names:
+        fixed = _near_fixed(name)
+        if fixed is not None and fixed not in present:
+            warnings.warn(f"{where}: {name!r} is kept as a free tag, not as {fixed}; the fixed tags (subject, "
+                          f"timepoint, condition) fill their own columns and group the plots. Rename it to "
+                          f"{fixed!r} if that is what it holds.", UserWarning, stacklevel=3)
+
+
 def split_tags(tags: Mapping[str, Any] | None) -> tuple[dict[str, str | None], dict[str, str]]:
     """Split ``tags`` into the fixed ones (subject, timepoint, condition) and the free ones.
 
@@ -148,6 +180,8 @@ class TagSheet:
             self._folded.setdefault(name.casefold(), []).append(name)
         if problems:
             raise TagError(f"{origin}: " + "; ".join(problems) + ". Fix the sheet: one row per image file.")
+        columns = {_norm_key(c) for _, t in self._rows.values() for c in t}
+        _warn_near_fixed(sorted(columns), f"{origin}: column")
 
     @classmethod
     def from_csv(cls, path: str | os.PathLike, *, key: str | None = None, encoding: str = "utf-8-sig",
@@ -351,6 +385,7 @@ class FilenamePattern:
         if not names:
             raise TagError(f"pattern {pattern!r} has no {{field}}; write e.g. '{{subject}}_{{timepoint}}.jpg'")
         self.fields = tuple(names)
+        _warn_near_fixed(names, f"pattern {pattern!r}: field")
         self.has_extension = bool(ext)
         self._parts = parts
         self._regex = re.compile("".join(p[1] for p in parts) + r"\Z")

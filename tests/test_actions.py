@@ -177,3 +177,10 @@ def test_unknown_name_quoted_as_typed():
         validate_actions(resolve_actions(" Wrinkel"))
     with pytest.raises(InvalidParametersError, match="must be strings"):
         validate_actions(resolve_actions(["Pore", 3]))
+
+
+@pytest.mark.parametrize("spec", [None, 3, object()])
+def test_resolve_refuses_a_spec_that_is_no_list_of_names(spec):
+    """skinlab.analyze(img, None) used to fail with a bare "'NoneType' object is not iterable"."""
+    with pytest.raises(InvalidParametersError, match=r"actions must be 'all', a comma-separated string or a list"):
+        resolve_actions(spec)

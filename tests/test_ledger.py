@@ -409,6 +409,15 @@ def test_filters(ledger):
         ledger.submissions(colour="red")
     with pytest.raises(LedgerError, match="Unknown status"):
         ledger.submissions(status="done")
+    # a typo in a closed set is an error naming the values, never an empty table
+    with pytest.raises(LedgerError, match=r"Unknown backend \['lcoal'\]; the backend values are cloud, local"):
+        ledger.scores(backend="lcoal")
+    with pytest.raises(LedgerError, match="Unknown tier"):
+        ledger.submissions(tier=["sd", "HD"])
+    with pytest.raises(LedgerError, match="Unknown format"):
+        ledger.wide(format="png")
+    everything = ledger.submissions()
+    assert len(everything) and len(ledger.submissions(backend=["local", "cloud"])) == len(everything)
 
 
 def test_local_and_cloud_scores_are_never_pooled_silently(ledger):

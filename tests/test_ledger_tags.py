@@ -195,3 +195,24 @@ def test_mismatch_names_one_file_and_what_the_pattern_needs(pattern, names, why)
     with pytest.raises(TagError, match=re.escape(why)):
         pat(names[0])
     assert pat.why_not("S01-T0.jpg" if "-" in pattern else "x") != why
+
+
+@pytest.mark.parametrize("column, fixed", [("subj", "subject"), ("Subject_ID", "subject"), ("timepiont", "timepoint"),
+                                           ("cond", "condition")])
+def test_a_column_spelled_like_a_fixed_tag_is_warned_about(tmp_path, column, fixed):
+    """A sheet column 'subj' becomes a free tag and leaves the subject column empty: the sheet says
+    so when it is read, naming the fixed tag meant. Other study facts (visit, site) pass quietly."""
+    import warnings
+
+    sheet = tmp_path / "tags.csv"
+    sheet.write_text(f"filename,{column},site\nS01_T0.jpg,S01,A\n", encoding="utf-8")
+    with pytest.warns(UserWarning, match=rf"{column!r} is kept as a free tag, not as {fixed}.*Rename it to '{fixed}'"):
+        TagSheet.from_csv(sheet)
+    with pytest.warns(UserWarning, match=r"field: 'subj' is kept as a free tag, not as subject"):
+        FilenamePattern("{subj}_{timepoint}.jpg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FilenamePattern("{subject}_{visit}.jpg")
+        sheet.write_text(f"filename,subject,{column}\nS01_T0.jpg,S01,x\n" if fixed == "subject"
+                         else "filename,visit,site\nS01_T0.jpg,1,A\n", encoding="utf-8")
+        TagSheet.from_csv(sheet)  # the fixed tag is there too, or no column looks like one
