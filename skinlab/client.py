@@ -74,6 +74,18 @@ def normalise_key(key: str | None) -> str | None:
 _is_loopback = is_loopback_url
 
 
+def _check_key_characters(key: str) -> None:
+    """Refuse a key that cannot travel in an HTTP header (a pasted line break, tab or space inside
+    it, or a non-ASCII character), before any request; the message never shows the key."""
+    for i, ch in enumerate(key):
+        if not (" " < ch < "\x7f"):
+            what = {"\r": "a carriage return", "\n": "a line break", "\t": "a tab", " ": "a space"}.get(
+                ch, f"the character U+{ord(ch):04X}")
+            raise ConfigurationError(
+                f"The API key holds {what} at position {i + 1} of {len(key)}, which cannot be sent in an HTTP "
+                "header. Paste the key again as one line, exactly as the YouCam console shows it.")
+
+
 class _Secret(str):
     """A header value holding the API key; its repr (tracebacks with locals, debuggers) hides it."""
 
@@ -341,6 +353,10 @@ def error_from_response(resp: requests.Response, *, context: str = "") -> APIErr
             f"{where}the API key was refused ({text or 'unauthorized'}). Check SKINLAB_API_KEY: paste the key "
             "alone, without 'Bearer' or angle brackets; it may be inactive or expired in the YouCam console.", **kw)
     if status == 429:
+        if _is_loopback(getattr(resp, "url", None) or ""):
+            return RateLimitError(f"{where}rate limit reached ({text or 'Too many requests'}); this local emulator "
+                                  "limits requests per key and per address (skinlab serve --rate-limit sets it; the "
+                                  "service allows 250 per 300 s). Wait a few minutes.", **kw)
         return RateLimitError(f"{where}rate limit reached ({text or 'Too many requests'}); the service allows "
                               "250 requests per 300 s per key. Wait a few minutes.", **kw)
     if code == "InvalidTaskId" or text.strip().lower() == "invalid task id":
@@ -577,6 +593,7 @@ class Client:
         if api_version not in API_VERSIONS:
             raise ConfigurationError(f"api_version must be one of {', '.join(API_VERSIONS)}, got {api_version!r}")
         errors.register_secret(key)
+        _check_key_characters(key)
         self.__key = key
         self.allow_insecure_http = bool(allow_insecure_http)
         self.base_url = base

@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import socket
 import time
 import zipfile
@@ -413,3 +414,34 @@ def test_balance_check_refuses_before_upload(srv):
     with pytest.raises(errors.InsufficientCreditsError, match="costs 9 units but the balance is 8.5"):
         c.submit(_jpeg(), ["pore"], check_balance=True)
     assert srv.calls("POST") == [] and srv.calls("PUT") == []
+
+
+@pytest.mark.parametrize("pasted, what", [("sk-live" + "-abc\r\ndef", "a carriage return"),
+                                          ("sk-live" + "-abc def", "a space"),
+                                          ("sk-live" + "-abc\u00e9", "the character U+00E9")])
+def test_a_key_that_cannot_travel_in_a_header_is_refused_before_any_request(pasted, what):
+    """A key pasted with a line break inside used to fail as "cannot reach ... (InvalidHeader).
+    Check the network"; it is now refused at once, saying what is wrong, without showing the key."""
+    with pytest.raises(errors.ConfigurationError, match=re.escape(f"The API key holds {what} at position")) as info:
+        Client(api_key=pasted, base_url="http://127.0.0.1:9")
+    assert "abc" not in str(info.value) and "sk-live" not in str(info.value)
+
+
+def test_a_429_names_the_limit_of_whoever_answered():
+    """The cloud's 429 cites the service's documented 250 / 300 s; a local emulator's says that the
+    emulator has its own limit (skinlab serve --rate-limit), instead of quoting the cloud's."""
+    import requests
+
+    from skinlab.client import error_from_response
+
+    def answer(url):
+        resp = requests.Response()
+        resp.status_code, resp.url = 429, url
+        resp._content = b'{"status": 429, "error": "Too many requests"}'
+        resp.headers["content-type"] = "application/json"
+        return error_from_response(resp, context="poll")
+
+    cloud, local = answer("https://yce-api-01.makeupar.com/s2s/v2.0/task/x"), answer("http://127.0.0.1:8767/s2s/v2.0/task/x")
+    assert isinstance(cloud, errors.RateLimitError) and isinstance(local, errors.RateLimitError)
+    assert "the service allows 250 requests per 300 s per key" in str(cloud)
+    assert "this local emulator limits requests" in str(local) and "--rate-limit" in str(local)
