@@ -405,11 +405,9 @@ def prepare_image(source: ImageSource, *, tier: str = "sd", downscale: bool = Fa
         raise ImageError(f"{label} is empty (0 bytes). Check that the file was copied or downloaded completely.")
     if fmt not in ("jpeg", "png"):
         if fmt == "unknown":
-            what = (f"not an image (it starts with {bytes(data[:12])!r}; a text or web page saved under an "
-                    "image name?)")
-        else:
-            what = f"a {fmt.upper()} file"
-        raise ImageError(f"{label} is {what}; the service accepts only JPEG and PNG. {_CONVERT_HINT}")
+            raise ImageError(f"{label} is not an image (it starts with {bytes(data[:12])!r}; a text or web page "
+                             "saved under an image name?). Use the original photo, as a JPEG or PNG file.")
+        raise ImageError(f"{label} is a {fmt.upper()} file; the service accepts only JPEG and PNG. {_CONVERT_HINT}")
     try:
         img = Image.open(io.BytesIO(data))
         if img.width * img.height > MAX_PIXELS:

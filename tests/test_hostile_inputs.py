@@ -183,7 +183,8 @@ REFUSED = [
     Case("bmp", lambda t: write(t, "a.bmp", encode(Image.new("RGB", (480, 640)), "BMP")), ImageError, r"BMP file"),
     Case("pdf", lambda t: write(t, "scan.pdf", b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n"), ImageError, r"PDF file"),
     Case("text-named-jpg", lambda t: write(t, "notes.jpg", b"Subject 17, left cheek, visit 2\n"), ImageError,
-         r"'notes.jpg' is not an image.*a text or web page saved under an image name.*JPEG and PNG"),
+         r"'notes.jpg' is not an image.*a text or web page saved under an image name.*Use the original "
+         r"photo, as a JPEG or PNG file\.$"),
     Case("html-named-jpg", lambda t: write(t, "download.jpg", b"<!DOCTYPE html><html><body>Sign in</body></html>"),
          ImageError, r"not an image \(it starts with b'<!DOCTYPE"),
     Case("directory", lambda t: (t / "photos").mkdir() or t / "photos", ImageError,
