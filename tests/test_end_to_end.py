@@ -307,7 +307,8 @@ def test_cli_folder_with_ledger_pattern_tags_and_dry_run(tmp_path, monkeypatch, 
     assert main(base + ["--pattern", "{subject}_{timepoint}.jpg", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "DRY RUN on the LOCAL backend" in out and "would submit 2 image(s)" in out and "estimated cost 18" in out
-    assert "Backend: LOCAL" in out and "the API key is not used" in out  # a key is set, but this is local
+    # a key is set and --base-url names a local server: the key is sent to it, and the banner says so
+    assert "Backend: LOCAL" in out and "the API key in SKINLAB_API_KEY is sent to it" in out
     assert len(local_server.app.task_ids()) == before  # nothing created
     assert main(base + ["--pattern", "{subject}_{timepoint}.jpg"]) == 0
     out = capsys.readouterr().out
@@ -495,7 +496,7 @@ def test_cli_unreachable_backend_advises_cli_options(tmp_path, monkeypatch, caps
                      "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out
     assert code == 1, out
-    assert "cannot reach http://127.0.0.1:9" in out and "work offline with --local (or unset SKINLAB_API_KEY)" in out
+    assert "cannot reach http://127.0.0.1:9" in out and "work offline with --local" in out
     assert "skinlab.Client.local()" not in out
     with pytest.raises(errors.SkinlabConnectionError, match=r"work offline with skinlab\.Client\.local\(\)"):
         Client(base_url="http://127.0.0.1:9", retry=skinlab.client.RetryPolicy(sleep=lambda s: None)).balance()
@@ -612,7 +613,7 @@ def test_cli_help_says_where_results_go():
 
 @pytest.mark.parametrize("library, cli", [
     ("upload slot: cannot reach http://127.0.0.1:9 (ProxyError). Check the network, or work offline with "
-     "skinlab.Client.local().", "Check the network, or work offline with --local (or unset SKINLAB_API_KEY)."),
+     "skinlab.Client.local().", "Check the network, or work offline with --local"),
     ("ledger.resume(client) collects the outcome (task ids stay valid 24 h after completion).",
      "running the same skinlab analyze command again collects the outcome (task ids"),
     ("its results were not saved: ledger.resume(client) polls again for fresh result URLs",
@@ -643,6 +644,17 @@ def test_cli_rewords_python_advice(library, cli):
     assert cli in _cli_text(library)
     assert _cli_text("nothing to change here: skinlab.Ledger, force") == "nothing to change here: skinlab.Ledger, force"
 
+
+
+def test_cli_offline_advice_names_the_key_variable_only_when_one_is_set(monkeypatch):
+    from skinlab.cli import _cli_text
+
+    text = "cannot reach http://127.0.0.1:9. Check the network, or work offline with skinlab.Client.local()."
+    monkeypatch.delenv("SKINLAB_API_KEY", raising=False)
+    monkeypatch.delenv("YOUCAM_API_KEY", raising=False)
+    assert _cli_text(text).endswith("Check the network, or work offline with --local.")
+    monkeypatch.setenv("YOUCAM_API_KEY", "cli-offline-advice")
+    assert _cli_text(text).endswith("work offline with --local (or unset YOUCAM_API_KEY).")
 
 def _library_texts() -> list[str]:
     """Every string the library (all of skinlab but the command line) can build in one

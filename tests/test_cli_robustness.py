@@ -1,0 +1,435 @@
+"""The command line when a new user's input or surroundings are not what it expects: a photo given
+as the ledger, a busy port, a closed pipe, Ctrl-C, -v after the subcommand, WebP files in a folder,
+the API key banner, an output name of another format, and the advice after a stop."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from test_end_to_end import _photo, no_key, portraits  # noqa: F401 - fixtures, reused
+
+from skinlab.cli import build_parser, main
+
+posix_only = pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT to a child process")
+
+
+def _env(**keys) -> dict:
+    """The environment for a child ``python -m skinlab.cli``: no API key but ``keys``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SKINLAB_API_KEY", "YOUCAM_API_KEY")}
+    env.update(keys)
+    return env
+
+
+def _cli(*argv) -> list[str]:
+    return [sys.executable, "-m", "skinlab.cli", *argv]
+
+
+# ---------------------------------------------------------------------------- 1. --ledger that is not a ledger
+
+
+def test_a_photo_given_as_the_ledger_is_a_clear_error(tmp_path, capsys, portraits, no_key):
+    photo = _photo(tmp_path, portraits)
+    before = photo.read_bytes()
+    code = main(["analyze", str(photo), "--actions", "redness", "--ledger", str(photo), "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 2, out
+    line = next(ln for ln in out.splitlines() if ln.startswith("error:"))
+    assert line.startswith(f"error: --ledger {str(photo)!r} is not a skinlab ledger: it is not an SQLite database")
+    assert "Give --ledger a new path (e.g. --ledger study/ledger.sqlite)" in line
+    assert "Traceback" not in out and "DatabaseError" not in out
+    assert photo.read_bytes() == before  # left untouched
+
+
+def test_a_default_ledger_that_is_not_one_is_a_clear_error(tmp_path, capsys, portraits, no_key):
+    photo = _photo(tmp_path, portraits)
+    ledger = tmp_path / "out" / "ledger.sqlite"
+    ledger.parent.mkdir()
+    ledger.write_text("these are my notes, not a database\n" * 20)
+    code = main(["analyze", str(photo), "--actions", "redness", "--out", str(tmp_path / "out"), "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 2, out
+    assert f"error: the ledger {str(ledger)!r} (the default one, in the results folder) is not a skinlab ledger" in out
+    assert "Traceback" not in out
+
+
+def test_a_folder_given_as_the_ledger_is_a_clear_error(tmp_path, capsys, portraits, no_key):
+    photo = _photo(tmp_path, portraits)
+    code = main(["analyze", str(photo), "--actions", "redness", "--ledger", str(tmp_path), "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 2, out
+    assert f"error: --ledger {str(tmp_path)!r} is a folder, not a ledger file. Give --ledger a new path" in out
+    assert "OperationalError" not in out
+
+
+# ---------------------------------------------------------------------------- 2. skinlab serve --port
+
+
+@pytest.mark.parametrize("port", ["99999", "65536", "-1", "eighty"])
+def test_serve_refuses_a_port_out_of_range(capsys, port):
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--port", port])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --port: the port must be a whole number from 0 to 65535 (0 picks a free one), not {port!r}" \
+           in err
+    assert "OverflowError" not in err and "Traceback" not in err
+
+
+def test_serve_and_app_accept_the_port_range():
+    parser = build_parser()
+    assert parser.parse_args(["serve", "--port", "0"]).port == 0
+    assert parser.parse_args(["serve", "--port", "65535"]).port == 65535
+    assert parser.parse_args(["serve"]).port == 8765
+    with pytest.raises(SystemExit):
+        parser.parse_args(["app", "--port", "70000"])
+
+
+def test_serve_on_a_busy_port_names_it_and_suggests_another(capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["serve", "--port", str(port), "--task-duration", "0"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert out.startswith(f"error: port {port} on 127.0.0.1 is already in use")
+    assert "--port 0 to pick a free one" in out and "OSError" not in out and "Address already in use" not in out
+
+
+# ---------------------------------------------------------------------------- 3. a closed stdout
+
+
+class _ClosedPipe:
+    """A stdout whose reader has gone (``skinlab actions | head`` once head has exited)."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        pass
+
+
+def test_closed_stdout_stops_quietly_in_process(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    assert main(["actions"]) == 141
+    assert capsys.readouterr().err == ""
+
+
+def test_closed_pipe_stops_quietly_with_141():
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has left before the first line: every write meets a closed pipe
+    try:
+        proc = subprocess.run(_cli("actions"), stdout=write_end, stderr=subprocess.PIPE, text=True, env=_env(),
+                              timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141, proc.stderr
+    assert proc.stderr == ""  # no BrokenPipeError traceback, no "Exception ignored" at exit
+
+
+# ---------------------------------------------------------------------------- 4. and 9. Ctrl-C
+
+
+def _interrupt_waits(monkeypatch, times: int) -> None:
+    """The batch's first ``times`` waits raise KeyboardInterrupt, as Ctrl-C there would."""
+    import skinlab.batch as batch
+
+    real, calls = batch.wait, []
+
+    def wait(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= times:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batch, "wait", wait)
+
+
+@pytest.mark.parametrize("presses", [1, 2])  # 2: again during the clean stop
+def test_interrupted_embedded_run_exits_130_and_its_advice_agrees(tmp_path, capsys, monkeypatch, portraits, no_key,
+                                                                   presses):
+    _interrupt_waits(monkeypatch, presses)
+    photo = _photo(tmp_path, portraits)
+    code = main(["analyze", str(photo), "--actions", "redness", "--out", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert code == 130, captured.out
+    stopped = next(ln for ln in captured.out.splitlines() if "stopped early:" in ln)
+    assert stopped.startswith("  stopped early: interrupted (Ctrl-C)")
+    # the embedded emulator stops with the command: the next run analyses them again, it collects nothing
+    assert "collects them" not in stopped and "ledger.resume" not in stopped
+    assert stopped.endswith("tasks already created were in this command's embedded local emulator, which stops "
+                            "with it: the next run analyses them again, free"), stopped
+    assert "Traceback" not in captured.out + captured.err
+
+
+def test_stopped_early_wording_keeps_collect_advice_for_a_served_emulator():
+    from skinlab.cli import _cli_text
+
+    text = ("stopped early: interrupted (Ctrl-C): ... tasks already created are kept running, and "
+            "ledger.resume(client) or the next run collects them")
+    assert _cli_text(text).endswith("tasks already created are kept running, and running the same command again "
+                                    "collects them")
+    assert _cli_text(text, embedded=True).endswith("the next run analyses them again, free")
+
+
+@pytest.fixture
+def slow_polls():
+    """An emulator whose tasks run a minute and whose every poll takes 3 s: a run is under way, and
+    its images in flight take a while to stop."""
+    from skinlab.local import serve
+    from skinlab.local.server import Faults
+
+    faults = Faults()
+    faults.slow(route="poll", seconds=3.0, n=10_000)
+    with serve(task_duration_s=60.0, rate_limit=None, faults=faults) as srv:
+        yield srv
+
+
+def _analysis_under_way(tmp_path, portraits, srv) -> subprocess.Popen:
+    photo = _photo(tmp_path, portraits)
+    proc = subprocess.Popen(_cli("analyze", str(photo), "--actions", "redness", "--base-url", srv.url, "--out",
+                                 str(tmp_path / "out")), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env())
+    deadline = time.monotonic() + 120
+    while not srv.app.task_ids():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no task was created"
+        time.sleep(0.05)
+    time.sleep(0.5)  # its first poll is under way (each takes 3 s)
+    return proc
+
+
+def _read_until(stream, start: str) -> str:
+    """The lines read from ``stream`` up to the first that starts with ``start``, joined."""
+    lines: list[str] = []
+    while not lines or not lines[-1].startswith(start):
+        line = stream.readline()
+        assert line, f"the stream ended before a line starting {start!r}: {''.join(lines)}"
+        lines.append(line)
+    return "".join(lines)
+
+
+@posix_only
+def test_ctrl_c_once_analysis_is_under_way_exits_130(tmp_path, portraits, slow_polls):
+    proc = _analysis_under_way(tmp_path, portraits, slow_polls)
+    try:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, out + err
+    assert "  stopped early: interrupted (Ctrl-C)" in out and "left running 1" in out
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+@posix_only
+def test_ctrl_c_again_during_the_clean_stop_exits_130_without_traceback(tmp_path, portraits, slow_polls):
+    proc = _analysis_under_way(tmp_path, portraits, slow_polls)
+    try:
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)  # cuts the batch's wait short: the summary comes at once
+        summary = _read_until(proc.stdout, "  ledger:")
+        assert "  stopped early: interrupted (Ctrl-C)" in summary
+        # the command is over, but its image is still in a 3 s poll, which the process waits for on its
+        # way out (Python joins the batch's threads at exit): Ctrl-C there
+        said = _read_until(proc.stderr, "note: waiting for 1 image(s) in flight to stop at their next step; "
+                                        "Ctrl-C again to quit now.")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = said + err
+    assert proc.returncode == 130, summary + out + err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err and "Exception ignored" not in err, err
+    assert err.endswith("Ctrl-C again to quit now.\ninterrupted\n"), err
+
+
+# ---------------------------------------------------------------------------- 5. -v
+
+
+@pytest.mark.parametrize("argv, verbose", [
+    (["-v", "analyze", "face.jpg"], True),
+    (["analyze", "face.jpg", "-v"], True),
+    (["analyze", "--verbose", "face.jpg"], True),
+    (["-v", "analyze", "face.jpg", "-v"], True),
+    (["analyze", "face.jpg"], False),
+    (["actions", "-v"], True),
+    (["serve", "-v", "--port", "0"], True),
+    (["sample", "astronaut", "-v"], True),
+])
+def test_verbose_is_accepted_before_and_after_the_subcommand(argv, verbose):
+    assert build_parser().parse_args(argv).verbose is verbose
+
+
+def test_verbose_help_says_what_it_shows():
+    import argparse
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for p in [parser, subparsers.choices["analyze"]]:
+        text = " ".join(p.format_help().split())
+        assert "pre-flight changes" in text and "HTTP requests are not logged" in text
+        assert "HTTP and pre-flight details" not in text
+
+
+def test_verbose_after_the_subcommand_logs(tmp_path, portraits, local_server):
+    photo = _photo(tmp_path, portraits)
+    base = ["analyze", str(photo), "--actions", "redness", "--dry-run", "--base-url", local_server.url]
+    for n, argv in enumerate([base + ["-v"], ["-v"] + base, base]):
+        proc = subprocess.run(_cli(*argv, "--out", str(tmp_path / f"out{n}")), capture_output=True, text=True,
+                              env=_env(SKINLAB_API_KEY="robust-verbose"), timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert ("Created a new, empty ledger at" in proc.stderr) is ("-v" in argv), (argv, proc.stderr)
+
+
+# ---------------------------------------------------------------------------- 6. other image types in a folder
+
+
+def test_folder_of_only_webp_and_gif_says_so(tmp_path, capsys, portraits, no_key):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    with Image.open(_photo(tmp_path, portraits)) as img:
+        img.save(photos / "a.webp")
+        img.save(photos / "b.gif")
+    (photos / "notes.txt").write_text("not an image")
+    code = main(["analyze", str(photos), "--actions", "redness", "--dry-run", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 2, out
+    assert f"error: No .jpg, .jpeg or .png files in {str(photos)!r}: its 2 image file(s) are of other types " \
+           "(a.webp, b.gif), which the service does not take. Convert them to JPEG or PNG" in out, out
+    assert not (tmp_path / "out").exists()
+
+
+def test_other_image_types_beside_photos_get_one_note(tmp_path, capsys, portraits, no_key):
+    photos = tmp_path / "photos"
+    _photo(photos, portraits, "S01_T0.jpg")
+    for name in ("S02_T0.heic", "S03_T0.TIFF", "S04_T0.bmp", "S05_T0.webp", ".hidden.webp"):
+        (photos / name).write_bytes(b"not really")
+    code = main(["analyze", str(photos), "--actions", "redness", "--dry-run", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    notes = [ln for ln in out.splitlines() if "not JPEG or PNG" in ln]
+    assert notes == [f"note: Skipped 4 file(s) in {str(photos)!r} that are not JPEG or PNG (S02_T0.heic, "
+                     "S03_T0.TIFF, S04_T0.bmp, ...): the service takes only JPEG and PNG; convert them to JPEG or "
+                     "PNG to analyse them too."], out
+    assert "would submit 1 image(s)" in out
+
+
+def test_folder_with_only_jpegs_has_no_note(tmp_path, capsys, portraits, no_key):
+    photos = tmp_path / "photos"
+    _photo(photos, portraits, "S01_T0.jpg")
+    assert main(["analyze", str(photos), "--actions", "redness", "--dry-run", "--out", str(tmp_path / "out")]) == 0
+    assert "not JPEG or PNG" not in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- 7. the API key banner
+
+
+def _banner(out: str) -> str:
+    return next(ln for ln in out.splitlines() if ln.startswith("Backend:"))
+
+
+def test_banner_says_the_key_is_sent_to_a_local_base_url(tmp_path, capsys, monkeypatch, portraits, local_server):
+    monkeypatch.setenv("SKINLAB_API_KEY", "robust-banner-key")
+    monkeypatch.delenv("YOUCAM_API_KEY", raising=False)
+    photo = _photo(tmp_path, portraits)
+    before = len(local_server.app.task_ids("robust-banner-key"))
+    code = main(["analyze", str(photo), "--actions", "redness", "--base-url", local_server.url,
+                 "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    banner = _banner(out)
+    assert banner.startswith(f"Backend: LOCAL engine at {local_server.url} (a local --base-url given; the API key "
+                             "in SKINLAB_API_KEY is sent to it).")  # not embedded: a server of its own
+    assert "not used" not in banner
+    assert len(local_server.app.task_ids("robust-banner-key")) == before + 1  # it was sent: the task is its own
+
+
+def test_banner_names_youcam_api_key_when_that_is_the_one(tmp_path, capsys, monkeypatch, portraits, local_server):
+    monkeypatch.delenv("SKINLAB_API_KEY", raising=False)
+    monkeypatch.setenv("YOUCAM_API_KEY", "robust-banner-youcam")
+    photo = _photo(tmp_path, portraits)
+    assert main(["analyze", str(photo), "--actions", "redness", "--dry-run", "--base-url", local_server.url,
+                 "--out", str(tmp_path / "out")]) == 0
+    assert "the API key in YOUCAM_API_KEY is sent to it" in _banner(capsys.readouterr().out)
+
+
+def test_banner_without_a_key(tmp_path, capsys, portraits, local_server, no_key):
+    photo = _photo(tmp_path, portraits)
+    argv = ["analyze", str(photo), "--actions", "redness", "--dry-run", "--out", str(tmp_path / "out")]
+    assert main(argv + ["--base-url", local_server.url]) == 0
+    assert "(a local --base-url given; no API key set, so none is sent)" in _banner(capsys.readouterr().out)
+    assert main(argv) == 0
+    assert re.match(r"Backend: LOCAL embedded engine at http://127\.0\.0\.1:\d+ \(no API key set\)\.",
+                    _banner(capsys.readouterr().out))
+
+
+def test_banner_with_local_and_a_key(tmp_path, capsys, monkeypatch, portraits):
+    monkeypatch.setenv("SKINLAB_API_KEY", "robust-banner-local")
+    photo = _photo(tmp_path, portraits)
+    assert main(["analyze", str(photo), "--actions", "redness", "--dry-run", "--local",
+                 "--out", str(tmp_path / "out")]) == 0
+    banner = _banner(capsys.readouterr().out)
+    assert "(--local given; the API key in SKINLAB_API_KEY is not used)" in banner
+
+
+def test_the_embedded_engine_never_receives_the_users_key(monkeypatch):
+    """What the --local banner says: Client.local() sends its own token, not the key in the
+    environment (an embedded engine that accepts only that token answers it)."""
+    from skinlab import errors
+    from skinlab.client import LOCAL_TOKEN, Client
+
+    monkeypatch.setenv("SKINLAB_API_KEY", "robust-never-sent")
+    with Client.local(api_keys=[LOCAL_TOKEN]) as client:
+        assert client.backend == "local"
+        client.balance()  # a 401 here would mean the environment's key was sent
+    with Client.local(api_keys=["robust-never-sent"]) as client:
+        with pytest.raises(errors.AuthenticationError):
+            client.balance()
+
+
+# ---------------------------------------------------------------------------- 8. skinlab sample -o
+
+
+@pytest.mark.parametrize("name", ["x.webp", "x.gif", "x"])
+def test_sample_refuses_a_name_of_another_format(tmp_path, capsys, name):
+    path = tmp_path / name
+    assert main(["sample", "astronaut", "-o", str(path)]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith(f"error: cannot write {str(path)!r} as ")
+    assert f"writes JPEG (.jpg, .jpeg) or PNG (.png), the formats the service takes. Name the output " \
+           f"{tmp_path / 'x.jpg'} or {tmp_path / 'x.png'}." in out
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("name, fmt", [("x.png", "PNG"), ("x.JPEG", "JPEG"), ("x.jpg", "JPEG")])
+def test_sample_writes_the_format_its_name_says(tmp_path, capsys, name, fmt):
+    path = tmp_path / name
+    assert main(["sample", "astronaut", "-o", str(path)]) == 0
+    assert f"wrote {path}" in capsys.readouterr().out
+    with Image.open(path) as img:
+        assert img.format == fmt and img.size == (600, 800)
+
+
+def test_a_dry_run_creates_no_ledger_and_no_folder(tmp_path, capsys, portraits, no_key):
+    """A dry run changes nothing: with a ledger that does not exist yet it says so and leaves no
+    file or folder behind (it used to create the ledger and its parent folders)."""
+    photo = _photo(tmp_path, portraits)
+    ledger = tmp_path / "new" / "study" / "ledger.sqlite"
+    assert main(["analyze", str(photo), "--actions", "redness", "--dry-run", "--ledger", str(ledger)]) == 0
+    out = capsys.readouterr().out
+    assert f"note: {str(ledger)!r} does not exist yet, so nothing is recorded; the dry run does not create it." in out
+    assert "would submit 1 image(s)" in out
+    assert not (tmp_path / "new").exists()
