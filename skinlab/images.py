@@ -29,6 +29,7 @@ import hashlib
 import io
 import os
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Union
@@ -409,7 +410,9 @@ def prepare_image(source: ImageSource, *, tier: str = "sd", downscale: bool = Fa
                              "saved under an image name?). Use the original photo, as a JPEG or PNG file.")
         raise ImageError(f"{label} is a {fmt.upper()} file; the service accepts only JPEG and PNG. {_CONVERT_HINT}")
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # the size is judged just below, with a clearer message
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
         if img.width * img.height > MAX_PIXELS:
             raise ImageError(
                 f"{label} declares {img.width}x{img.height} pixels ({img.width * img.height / 1e6:.0f} megapixels), "

@@ -205,7 +205,25 @@ def _instrument_note(df, extra: str = "") -> str:
     return note + (f"\n{extra}" if extra else "")
 
 
+def _wrap_note(note: str, inches: float, per_inch: float = 13.0) -> str:
+    """The instrument note wrapped to about ``inches`` of text of ``per_inch`` characters an inch
+    (13 for the medium size, 15 for small)."""
+    import textwrap
+
+    width = max(30, int(inches * per_inch))
+    return "\n".join(textwrap.fill(line, width, subsequent_indent="  ", break_on_hyphens=False, break_long_words=False)
+                     for line in note.split("\n"))
+
+
 def _title(ax, title: str, note: str) -> None:
+    """An axes title with the instrument note above the plot, wrapped to the axes' share of the
+    figure width (an unwrapped note wider than the figure made the layout squash the plot)."""
+    share = 0.9
+    spec = ax.get_subplotspec() if hasattr(ax, "get_subplotspec") else None
+    if spec is not None:
+        cols = spec.get_gridspec().ncols
+        share *= len(range(spec.colspan.start, spec.colspan.stop)) / cols
+    note = _wrap_note(note, ax.figure.get_figwidth() * share, per_inch=15.0)
     lines = note.count("\n") + 1
     ax.set_title(title, loc="left", fontweight="bold", pad=6 + 11 * lines)
     ax.text(0, 1.012, note, transform=ax.transAxes, ha="left", va="bottom", fontsize="small", color=_NOTE)
@@ -213,11 +231,7 @@ def _title(ax, title: str, note: str) -> None:
 
 def _suptitle(fig, title: str, note: str) -> None:
     """A figure title and the instrument note, wrapped to the figure's width."""
-    import textwrap
-
-    width = max(30, int(fig.get_figwidth() * 13))
-    lines = [textwrap.fill(line, width, subsequent_indent="  ") for line in note.split("\n")]
-    fig.suptitle(title + "\n" + "\n".join(lines), fontsize="medium", x=0.02, ha="left")
+    fig.suptitle(title + "\n" + _wrap_note(note, fig.get_figwidth()), fontsize="medium", x=0.02, ha="left")
 
 
 def _natural_key(value: Any):

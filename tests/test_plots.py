@@ -92,6 +92,7 @@ def test_score_profile_bars_are_the_ui_scores(results):
     overall = [ln for ln in ax.get_lines() if ln.get_label().startswith("Overall")]
     assert len(overall) == 1 and overall[0].get_xdata()[0] == pytest.approx(res.overall)
     note = " ".join(t.get_text() for t in ax.texts)
+    note = " ".join(note.split())  # the note is wrapped to the figure's width
     assert "local engine" in note and res.engine in note and "Skin type: Normal" in note
     save(fig, "score_profile_sd.png")
 
@@ -688,3 +689,23 @@ def test_time_course_says_when_a_mean_rests_on_fewer_subjects():
     full = plots.time_course(df, "wrinkle")
     assert [t.get_text() for t in full.axes[0].get_legend().get_texts()][0] == "Mean of 6 subjects"
     assert not [t for t in full.axes[0].texts if (t.get_gid() or "").startswith("n:")]
+
+
+@pytest.mark.parametrize("by", ["condition", "backend"])
+def test_cohort_with_a_real_engine_name_keeps_its_plot_wide(by):
+    """The instrument note names the engine in full ("skinlab-local 0.2.3+landmarks;
+    face=mediapipe-face-landmarker"); unwrapped, it was wider than cohort()'s own 6 in figure and
+    the layout squashed the plot to a fifth of the width ("axes sizes collapsed to zero")."""
+    import warnings
+
+    df, names = _all_concerns_table()
+    df["engine"] = "skinlab-local 0.2.3+landmarks; face=mediapipe-face-landmarker"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plots.cohort(df, by=by, concerns=names[:4])
+        fig.draw_without_rendering()
+    ax = fig.axes[0]
+    assert ax.get_position().width > 0.55
+    renderer = fig.canvas.get_renderer()
+    note = next(t for t in ax.texts if "mediapipe" in t.get_text())
+    assert note.get_window_extent(renderer).x1 <= fig.bbox.width  # wrapped inside the figure

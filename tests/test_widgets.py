@@ -781,3 +781,25 @@ def test_cli_app_subcommand_and_its_notebook(tmp_path):
     source = json.loads(nb.read_text())["cells"][0]["source"]
     assert "skinlab.app(ledger=" in source and str(tmp_path / "led.sqlite") in source
     compile(source, "cell", "exec")
+
+
+def test_a_decompression_bomb_is_never_decoded_for_its_thumbnail(monkeypatch):
+    """The thumbnail used to decode a 13000 x 13000 upload in full (650 MB) before pre-flight
+    refused it as a bomb; now the declared size is read from the header and nothing is decoded."""
+    import struct
+    import zlib
+
+    from PIL import ImageFile
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 13000, 13000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    loads = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self.size) or real_load(self))
+    assert logic.thumbnail_png(bomb) is None and loads == []
+    small = io.BytesIO()
+    Image.new("RGB", (640, 480), (200, 150, 130)).save(small, format="PNG")
+    assert logic.thumbnail_png(small.getvalue()).startswith(b"\x89PNG") and loads  # ordinary photos still load

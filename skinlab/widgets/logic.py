@@ -251,8 +251,14 @@ def thumbnail_png(data: bytes, size: int = _THUMB) -> bytes | None:
     """A small PNG preview, upright (EXIF orientation applied); None if the bytes are not an image."""
     from PIL import Image, ImageOps
 
+    from ..images import MAX_PIXELS
+
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # a bomb is judged below, and pre-flight says why it is refused
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # reads the header only
+        if img.width * img.height > MAX_PIXELS:  # a decompression bomb: never decoded (pre-flight says why)
+            return None
         img.draft("RGB", (size * 2, size * 2))  # fast JPEG decoding at reduced size
         img = ImageOps.exif_transpose(img)
         img = img.convert("RGB")
