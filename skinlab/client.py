@@ -1141,7 +1141,8 @@ def _refuse_colour_on_greyscale(prepared, names) -> None:
     if colour:
         label = repr(prepared.source_name) if prepared.source_name else "The photo"
         raise errors.ImageError(
-            f"{label} is a greyscale photo, and {', '.join(colour)} measure colour, which it does not hold. "
+            f"{label} is a greyscale photo, and {', '.join(colour)} {'measures' if len(colour) == 1 else 'measure'} "
+            "colour, which it does not hold. "
             "Drop those actions for this photo (wrinkles, pores, texture and the other concerns can still be "
             "measured), or use a colour photo.")
 

@@ -238,7 +238,8 @@ class NoFaceError(TaskError):
 
 
 class FaceTooSmallError(TaskError):
-    hint = "Crop the photo so the face fills 60-80% of the image width (raising the resolution does not help)."
+    hint = ("Crop the photo so the face fills 60-80% of the image width (raising the resolution does not help); "
+            "a photo turned sideways shows the face narrow: rotate it upright first.")
 
 
 class FaceOutOfBoundError(TaskError):
@@ -278,7 +279,8 @@ class MultiplePeopleError(TaskError):
 
 
 class FaceAngleError(TaskError):
-    hint = "Face the camera straight on, head level."
+    hint = ("Face the camera straight on, head level. If the person is level, the photo itself is turned "
+            "(sideways or upside down, e.g. its EXIF orientation was lost): rotate it upright first.")
 
 
 class InternalEngineError(TaskError):

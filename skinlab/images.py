@@ -408,7 +408,9 @@ def prepare_image(source: ImageSource, *, tier: str = "sd", downscale: bool = Fa
         if fmt == "unknown":
             raise ImageError(f"{label} is not an image (it starts with {bytes(data[:12])!r}; a text or web page "
                              "saved under an image name?). Use the original photo, as a JPEG or PNG file.")
-        raise ImageError(f"{label} is a {fmt.upper()} file; the service accepts only JPEG and PNG. {_CONVERT_HINT}")
+        article = "an" if fmt.upper() in ("SVG", "HEIF", "AVIF") else "a"  # as the names are said
+        raise ImageError(f"{label} is {article} {fmt.upper()} file; the service accepts only JPEG and PNG. "
+                         f"{_CONVERT_HINT}")
     try:
         with warnings.catch_warnings():  # the size is judged just below, with a clearer message
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -429,7 +431,10 @@ def prepare_image(source: ImageSource, *, tier: str = "sd", downscale: bool = Fa
 
     orientation = img.getexif().get(0x0112, 1)
     reencode = False
-    if orientation not in (1, None):
+    if orientation not in (1, None) and not (isinstance(orientation, int) and 2 <= orientation <= 8):
+        changes.append(f"ignored the invalid EXIF orientation {orientation!r} (valid values are 1 to 8): the photo "
+                       "is used as stored")
+    elif orientation not in (1, None):
         img = ImageOps.exif_transpose(img)
         reencode = True
         changes.append(f"rotated upright from EXIF orientation {orientation} and re-encoded as {fmt.upper()}"

@@ -841,3 +841,15 @@ def test_cli_advice_after_stopping_with_the_embedded_emulator():
     text = _cli_text(report.summary(), embedded=True)
     assert "left running 1" in text and "the next run analyses them again, free" in text
     assert "ledger.resume" not in text
+
+
+def test_an_upside_down_photo_fails_with_advice_to_rotate_it(tmp_path):
+    """A photo that lost its EXIF orientation used to pass upside down with wrong scores; the local
+    engine now fails it as a head-angle error, and the advice says the photo may be turned."""
+    from PIL import Image
+
+    photo = tmp_path / "turned.jpg"
+    skinlab.sample_portrait("astronaut", "sd").transpose(Image.Transpose.ROTATE_180).save(photo, quality=92)
+    with skinlab.Client.local() as client:
+        with pytest.raises(skinlab.errors.FaceAngleError, match="the photo itself is turned.*rotate it upright"):
+            client.submit(photo, ["wrinkle"]).wait(60)

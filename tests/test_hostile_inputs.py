@@ -177,7 +177,7 @@ REFUSED = [
     Case("gif", lambda t: write(t, "a.gif", encode(Image.new("RGB", (480, 640)), "GIF")), ImageError,
          r"GIF file.*Convert it to JPEG or PNG"),
     Case("svg", lambda t: write(t, "face.svg", b'<svg xmlns="http://www.w3.org/2000/svg" width="480" height="640">'
-                                               b'<circle r="9"/></svg>'), ImageError, r"SVG file.*Convert"),
+                                               b'<circle r="9"/></svg>'), ImageError, r"is an SVG file.*Convert"),
     Case("tiff", lambda t: write(t, "scan.tif", encode(Image.new("RGB", (480, 640)), "TIFF")), ImageError,
          r"TIFF file.*Convert"),
     Case("bmp", lambda t: write(t, "a.bmp", encode(Image.new("RGB", (480, 640)), "BMP")), ImageError, r"BMP file"),
@@ -321,6 +321,9 @@ NORMALISED = [
      "image/jpeg"),
     ("png-named-jpg", lambda: encode(Image.new("RGB", (480, 640), (10, 20, 30)), "PNG"), "really_png.jpg", [],
      "image/png"),
+    ("exif-orientation-invalid", lambda: _exif_jpeg(9), "o9.jpg",
+     [r"^ignored the invalid EXIF orientation 9 \(valid values are 1 to 8\): the photo is used as stored$",
+      r"^removed metadata before upload: EXIF \(with GPS position\)$"], "image/jpeg"),
     ("jpeg-with-gps", lambda: _exif_jpeg(1), "gps.jpg", [r"^removed metadata before upload: EXIF \(with GPS position\)$"],
      "image/jpeg"),
 ]

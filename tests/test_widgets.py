@@ -803,3 +803,26 @@ def test_a_decompression_bomb_is_never_decoded_for_its_thumbnail(monkeypatch):
     small = io.BytesIO()
     Image.new("RGB", (640, 480), (200, 150, 130)).save(small, format="PNG")
     assert logic.thumbnail_png(small.getvalue()).startswith(b"\x89PNG") and loads  # ordinary photos still load
+
+
+def test_a_greyscale_upload_is_left_out_while_colour_concerns_are_ticked(ledger, client, face):
+    """A greyscale photo passes pre-flight, but the submission would refuse it with colour concerns:
+    the cost line says it is left out (and is not counted) while they are ticked, Submit leaves it
+    out with the reason in the form, and unticking them takes it back. Upload names that are
+    Windows paths keep only the file name."""
+    picker = ImagePicker()
+    picker.upload.value = (upload8("C:\\Users\\someone\\grey.jpg", jpeg(face.convert("L"))),
+                           upload8("colour.jpg", jpeg(face)))
+    assert [i.label for i in picker.items] == ["grey.jpg", "colour.jpg"]
+    assert [i.greyscale for i in picker.items] == [True, False]
+    actions = ActionPicker()
+    actions.checkboxes["wrinkle"].value = True
+    actions.checkboxes["redness"].value = True
+    panel = SubmitPanel(ledger, actions=actions, images=picker, client=client)
+    assert "1 photo = 9 units" in panel.cost.value and "grey.jpg (greyscale" in panel.cost.value
+    panel.submit_button.click()
+    assert panel.join(60)
+    assert "grey.jpg: a greyscale photo: the colour concerns ticked (Redness) cannot be measured" in panel.feedback.text()
+    assert list(ledger.submissions().image_name) == ["colour.jpg"]
+    actions.checkboxes["redness"].value = False
+    assert "2 photos" in panel.cost.value and "greyscale" not in panel.cost.value

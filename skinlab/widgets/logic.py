@@ -13,12 +13,13 @@ import logging
 import os
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any, Callable, Iterable, Sequence
 
-from ..actions import CATALOGUE, CONCERNS, estimate_units, resolve_actions, validate_actions
+from ..actions import (CATALOGUE, COLOUR_CONCERNS, CONCERNS, estimate_units, resolve_actions,
+                       validate_actions)
 from ..errors import ImageError, InvalidParametersError, SkinlabError
 
 __all__ = [
@@ -231,6 +232,7 @@ class ImageItem:
     ok: bool | None = None  # None: cannot be checked before submission (URL)
     message: str = ""
     changes: list[str] = field(default_factory=list)
+    greyscale: bool = False  # no colour: the colour concerns cannot be measured on it
 
     def source(self):
         """What :func:`skinlab.batch.analyze_many` is given: a path, a URL, or a named file object."""
@@ -285,6 +287,7 @@ def check_item(item: ImageItem, tier: str) -> ImageItem:
         item.ok, item.message = False, f"the service would reject it: {exc}"
         return item
     item.ok = True
+    item.greyscale = prep.greyscale
     item.changes = list(prep.changes)
     fmt = "PNG" if prep.content_type == "image/png" else "JPEG"
     item.message = f"ready: {prep.width}x{prep.height} {fmt}, {prep.size / 1e6:.1f} MB"
@@ -296,7 +299,8 @@ def _key(data: bytes) -> str:
 
 
 def item_from_upload(name: str, data: bytes, tier: str) -> ImageItem:
-    item = ImageItem(label=Path(name).name or "upload", kind="upload", key=_key(data), data=data,
+    # the browser may send a Windows path as the name: keep the file name only (both separators)
+    item = ImageItem(label=PureWindowsPath(name).name or "upload", kind="upload", key=_key(data), data=data,
                      thumbnail=thumbnail_png(data))
     return check_item(item, tier)
 
@@ -416,11 +420,30 @@ def resolve_action_input(actions) -> list[str]:
     return list(validate_actions(names).names) if names else []
 
 
-def resolve_image_input(images) -> tuple[list[Any], list[ImageItem]]:
-    """``(sources to submit, items left out by pre-flight)`` from a picker or a list of sources."""
+def colour_conflict(item: ImageItem, names: Iterable[str]) -> ImageItem | None:
+    """``item`` as a rejected copy when it is greyscale and ``names`` hold colour concerns (the
+    submission would refuse it), else None."""
+    colour = [CATALOGUE[n].label for n in names if n in CATALOGUE and CATALOGUE[n].concern in COLOUR_CONCERNS]
+    if not (item.greyscale and item.ok and colour):
+        return None
+    return replace(item, ok=False, message=(
+        f"a greyscale photo: the colour concerns ticked ({', '.join(colour)}) cannot be measured on it. Untick "
+        "them to analyse this photo, or use a colour photo"))
+
+
+def resolve_image_input(images, names: Iterable[str] = ()) -> tuple[list[Any], list[ImageItem]]:
+    """``(sources to submit, items left out)`` from a picker or a list of sources: left out are the
+    photos pre-flight rejects, and greyscale photos while colour concerns are among ``names``."""
     if hasattr(images, "items"):
-        items = list(images.items)
-        return [i.source() for i in items if i.ok is not False], [i for i in items if i.ok is False]
+        names = list(names)
+        sources, out = [], []
+        for item in images.items:
+            conflict = colour_conflict(item, names)
+            if item.ok is False or conflict is not None:
+                out.append(conflict or item)
+            else:
+                sources.append(item.source())
+        return sources, out
     if images is None:
         return [], []
     if isinstance(images, (str, os.PathLike, bytes)):

@@ -138,9 +138,13 @@ class SubmitPanel(widgets.VBox):
             names = logic.resolve_action_input(self.actions)
         except InvalidParametersError:
             names = []
-        sources, _ = logic.resolve_image_input(self.images)
-        self.cost.value = (f"<div style='font-size:12px;line-height:1.4'>"
-                           f"{html.escape(logic.cost_summary(names, len(sources), self.client.backend))}</div>")
+        sources, out = logic.resolve_image_input(self.images, names)
+        text = logic.cost_summary(names, len(sources), self.client.backend)
+        grey = [i.label for i in out if i.greyscale]
+        if grey:
+            text += (f" Left out while colour concerns are ticked: {', '.join(grey)} (greyscale, so colour cannot "
+                     "be measured).")
+        self.cost.value = f"<div style='font-size:12px;line-height:1.4'>{html.escape(text)}</div>"
 
     # ---- handlers
 
@@ -157,9 +161,9 @@ class SubmitPanel(widgets.VBox):
         names = logic.resolve_action_input(self.actions)
         if not names:
             raise InvalidParametersError("Choose at least one concern first.")
-        sources, rejected = logic.resolve_image_input(self.images)
+        sources, rejected = logic.resolve_image_input(self.images, names)
         if rejected:
-            self.feedback.warn("Left out, the service would reject them: "
+            self.feedback.warn("Left out, they would be refused: "
                                + "; ".join(f"{i.label}: {i.message}" for i in rejected))
         if not sources:
             raise InvalidParametersError("Choose at least one photo that passes pre-flight first.")
