@@ -518,10 +518,6 @@ def m_firmness(ctx: Context) -> ConcernMeasurement:
     return _result(ctx, "firmness", {"whole": raw}, {"whole": ctx.to_mask(alpha)}, meas)
 
 
-#: sRGB level (0..1) from which a pixel's colour counts as clipped
-NEAR_CLIPPED = 0.95
-
-
 def _moisture_parts(ctx: Context):
     if "moisture" in ctx.cache:
         return ctx.cache["moisture"]
@@ -534,8 +530,7 @@ def _moisture_parts(ctx: Context):
     C = np.hypot(ctx.a, ctx.b)
     c_ref = math.hypot(ctx.ref["a"], ctx.ref["b"])
     hl, _ = _highlights(ctx)
-    clipped = ctx.rgb.max(axis=-1) >= 0.9
-    flake = area & (hp1 > max(4.0, 3 * ctx.noise_l)) & (C < 0.85 * c_ref) & ~hl & (L <= ctx.ref["L"] + 12) & ~clipped
+    flake = area & (hp1 > max(4.0, 3 * ctx.noise_l)) & (C < 0.85 * c_ref) & ~hl & (L <= ctx.ref["L"] + 12)
     flake_pct = 100.0 * float(flake.sum()) / max(1, int(area.sum()))
     s = max(0.7, ctx.mm(0.3))
     hp = L - ndi.gaussian_filter(L, s, mode="nearest")
