@@ -349,9 +349,12 @@ def error_from_response(resp: requests.Response, *, context: str = "") -> APIErr
     where = f"{context}: " if context else ""
     kw = dict(status=status, code=code, request_id=rid)
     if status == 401:
+        local = (" This is a local server: it accepts only the keys it was started with (skinlab serve --api-key, "
+                 "or api_keys=)." if _is_loopback(getattr(resp, "url", None) or "") else "")
         return AuthenticationError(
             f"{where}the API key was refused ({text or 'unauthorized'}). Check SKINLAB_API_KEY: paste the key "
-            "alone, without 'Bearer' or angle brackets; it may be inactive or expired in the YouCam console.", **kw)
+            "alone, without 'Bearer' or angle brackets; it may be inactive or expired in the YouCam console."
+            + local, **kw)
     if status == 429:
         if _is_loopback(getattr(resp, "url", None) or ""):
             return RateLimitError(f"{where}rate limit reached ({text or 'Too many requests'}); this local emulator "
@@ -621,18 +624,20 @@ class Client:
 
         Keyword arguments go to :class:`skinlab.local.ServerConfig` (for example
         ``task_duration_s=0``); client options (``api_version``, ``poll_schedule``, ``retry``)
-        are passed to the client. No API key is sent to the embedded backend, even when one is set.
+        are passed to the client. No API key is sent to the embedded backend, even when one is set,
+        unless ``api_key=`` is given (e.g. to try the emulator's per-key limits with ``api_keys=``).
         """
         from . import local
 
         client_kw = {k: settings.pop(k) for k in ("api_version", "poll_schedule", "retry", "timeout")
                      if k in settings}
+        api_key = settings.pop("api_key", None) or LOCAL_TOKEN
         settings.setdefault("task_duration_s", 0.0)
         server = local.LocalServer(**settings)
         server.start()
         try:
             # the embedded engine needs no key: the user's (from the environment) is never sent to it
-            client = cls(api_key=LOCAL_TOKEN, base_url=server.url, **client_kw)
+            client = cls(api_key=api_key, base_url=server.url, **client_kw)
         except Exception:
             server.stop()
             raise
@@ -1212,6 +1217,6 @@ def connect(api_key: str | None = None, *, base_url: str | None = None, local: b
     if base_url is not None:
         return Client(api_key, base_url=base_url, **client_kw)
     use_local = local if local is not None else (normalise_key(api_key) is None and not has_api_key())
-    if use_local:
-        return Client(base_url=_shared_local_url(), **client_kw)
+    if use_local:  # the embedded engine needs no key: the user's is never sent to it
+        return Client(LOCAL_TOKEN, base_url=_shared_local_url(), **client_kw)
     return Client(api_key, **client_kw)

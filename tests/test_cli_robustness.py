@@ -396,8 +396,23 @@ def test_the_embedded_engine_never_receives_the_users_key(monkeypatch):
         assert client.backend == "local"
         client.balance()  # a 401 here would mean the environment's key was sent
     with Client.local(api_keys=["robust-never-sent"]) as client:
-        with pytest.raises(errors.AuthenticationError):
+        with pytest.raises(errors.AuthenticationError, match="This is a local server: it accepts only the keys"):
             client.balance()
+    with Client.local(api_keys=["robust-chosen"], api_key="robust-chosen") as client:
+        client.balance()  # a key chosen on purpose is sent
+    # connect(), which --local uses, sends no user key either
+    import skinlab.client as client_mod
+
+    with client_mod.connect(local=True) as shared:
+        app = client_mod._shared_server.app
+        seen = []
+        real = app._authenticate
+        app._authenticate = lambda req: seen.append(req.header("Authorization")) or real(req)
+        try:
+            shared.balance()
+        finally:
+            del app._authenticate
+        assert seen == [f"Bearer {LOCAL_TOKEN}"]
 
 
 # ---------------------------------------------------------------------------- 8. skinlab sample -o
