@@ -194,7 +194,7 @@ def _open_ledger(path: Path, *, given: bool):
     """``Ledger(path)``, or an ``error: ...`` line and the exit code when the file cannot be one."""
     import sqlite3
 
-    from .ledger import Ledger
+    from .ledger import Ledger, LedgerError, LedgerLockedError
 
     which = f"--ledger {str(path)!r}" if given else f"the ledger {str(path)!r} (the default one, in the results folder)"
     fix = ("Give --ledger a new path (e.g. --ledger study/ledger.sqlite) to start a ledger there, or the path of an "
@@ -203,12 +203,18 @@ def _open_ledger(path: Path, *, given: bool):
         return None, f"error: {which} is a folder, not a ledger file. {fix}.", 2
     try:
         return Ledger(path), None, 0
-    except sqlite3.OperationalError as exc:  # cannot open it at all: a missing permission, a full disk, ...
-        return None, (f"error: cannot open {which} ({exc}). Check that its folder is writable, or give --ledger "
-                      "another path."), 1
-    except sqlite3.DatabaseError as exc:     # "file is not a database", "database disk image is malformed"
-        return None, (f"error: {which} is not a skinlab ledger: it is not an SQLite database (SQLite says: {exc}). "
-                      f"{fix}; that file is left untouched."), 2
+    except LedgerLockedError:
+        raise
+    except LedgerError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, sqlite3.DatabaseError) and not isinstance(cause, sqlite3.OperationalError):
+            # "file is not a database", "database disk image is malformed"
+            return None, (f"error: {which} is not a skinlab ledger: it is not an SQLite database (SQLite says: "
+                          f"{cause}). {fix}; that file is left untouched."), 2
+        if isinstance(cause, (OSError, sqlite3.Error)):  # cannot open it at all: permissions, a full disk, ...
+            return None, (f"error: cannot open {which} ({cause}). Check that its folder is writable, or give "
+                          "--ledger another path."), 1
+        raise
 
 
 def _cmd_analyze(args) -> int:

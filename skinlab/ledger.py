@@ -863,9 +863,17 @@ class Ledger:
             why = location_warning(self.path)
             if why:
                 warnings.warn(why, LedgerLocationWarning, stacklevel=2)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None,
-                                     check_same_thread=False)
+        fix = ("Give a new path (e.g. study/ledger.sqlite) to start a ledger there, or the path of an existing "
+               "skinlab ledger")
+        if self.path.is_dir():
+            raise LedgerError(f"{str(self.path)!r} is a folder, not a ledger file. {fix}.")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None,
+                                         check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise LedgerError(f"Cannot open the ledger {str(self.path)!r} ({exc}). Check that its folder is writable, "
+                              "or give another path.") from exc
         self._conn.row_factory = sqlite3.Row
         try:
             self._conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
@@ -880,6 +888,13 @@ class Ledger:
             self._conn.execute("PRAGMA synchronous = FULL")
             self._conn.execute("PRAGMA foreign_keys = ON")
             before = self._when_unlocked(self._migrate, deadline, "create or migrate its schema")
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()
+            if isinstance(exc, sqlite3.OperationalError):
+                raise LedgerError(f"Cannot open the ledger {str(self.path)!r} ({exc}). Check that its folder is "
+                                  "writable, or give another path.") from exc
+            raise LedgerError(f"{str(self.path)!r} is not a skinlab ledger: it is not an SQLite database (SQLite "
+                              f"says: {exc}). {fix}; that file is left untouched.") from exc
         except BaseException:
             self._conn.close()
             raise

@@ -824,3 +824,16 @@ def test_backend_key_calls_only_this_machine_local(url, local):
 
     assert (_backend_key(url) == "local") is local
     assert _is_loopback(url) is local       # the client and the ledger agree
+
+
+def test_a_path_that_is_no_ledger_is_a_ledger_error_and_is_left_untouched(tmp_path):
+    """skinlab.Ledger() on a photo or a folder raised raw sqlite3 errors; now LedgerError (in the
+    one exception tree), naming the path and the fix, and the file is not changed."""
+    photo = tmp_path / "victim.jpg"
+    photo.write_bytes(b"\xff\xd8\xff\xe0" + b"not a database" * 100)
+    before = photo.read_bytes()
+    with pytest.raises(LedgerError, match=r"victim.jpg' is not a skinlab ledger: it is not an SQLite database"):
+        Ledger(photo)
+    assert photo.read_bytes() == before
+    with pytest.raises(LedgerError, match=r"is a folder, not a ledger file"):
+        Ledger(tmp_path)
