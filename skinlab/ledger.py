@@ -1361,6 +1361,9 @@ class Ledger:
                     if not lost and self._lost_local(row["id"]):
                         lost.append(row["id"])
                         continue
+                # the same bytes submitted while its twin was in flight (two copies of one photo in a
+                # batch): its tags are merged, or a conflict warned about, as on a plain reuse
+                self._merge_tags(self._row(row["id"]), fixed, free)
                 return self._finish_call(row["id"], raise_on_error, reused=True, note=note)
             if decision == "ambiguous":
                 warnings.warn(note, LedgerReuseWarning, stacklevel=2)

@@ -1,6 +1,7 @@
 """Tags for the ledger: CSV sheets and file-name patterns, and applying them to ledger rows."""
 
 import re
+import time
 
 import pandas as pd
 import pytest
@@ -216,3 +217,42 @@ def test_a_column_spelled_like_a_fixed_tag_is_warned_about(tmp_path, column, fix
         sheet.write_text(f"filename,subject,{column}\nS01_T0.jpg,S01,x\n" if fixed == "subject"
                          else "filename,visit,site\nS01_T0.jpg,1,A\n", encoding="utf-8")
         TagSheet.from_csv(sheet)  # the fixed tag is there too, or no column looks like one
+
+
+def test_a_copy_submitted_while_its_twin_is_in_flight_warns_about_its_tags(tmp_path):
+    """Two copies of one photo in a batch (S01_T0.jpg copied to S01_T1.jpg by mistake) make one
+    task; the second waits for the first's task. Its different tags used to vanish without a word
+    whenever the twin was still in flight (any run with several workers); now they are warned about
+    as on a plain reuse, and tags the row lacks are filled."""
+    import shutil
+    import threading
+    import warnings
+
+    import skinlab
+    from skinlab.client import Client, PollSchedule
+    from skinlab.ledger import LedgerReuseWarning
+    from skinlab.local import LocalServer
+
+    first = tmp_path / "S01_T0.jpg"
+    skinlab.sample_portrait("astronaut", "sd").save(first, quality=92)
+    copy = tmp_path / "S01_T1.jpg"
+    shutil.copy(first, copy)
+    with LocalServer(task_duration_s=1.0, rate_limit=None) as server:
+        client = Client(api_key="k-twin", base_url=server.url, rate_limiter=False,
+                        poll_schedule=PollSchedule(first=0.05, cap=0.2))
+        led = Ledger(tmp_path / "study" / "ledger.sqlite")
+        worker = threading.Thread(target=led.submit, args=(client, first, ["acne"]),
+                                  kwargs={"tags": {"subject": "S01", "timepoint": "T0"}})
+        worker.start()
+        end = time.monotonic() + 30
+        while time.monotonic() < end and list(led.submissions().status) != ["running"]:
+            time.sleep(0.02)
+        assert list(led.submissions().status) == ["running"]  # the twin is in flight
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", LedgerReuseWarning)
+            with pytest.warns(UserWarning, match=r"tags differ \(timepoint: 'T0' recorded, 'T1' given\)"):
+                twin = led.submit(client, copy, ["acne"], tags={"subject": "S01", "timepoint": "T1", "site": "B"})
+        worker.join(30)
+        assert twin.reused and twin.tags == {"subject": "S01", "timepoint": "T0", "site": "B"}
+        assert len(led) == 1 and len(server.app.task_ids()) == 1
+        led.close()
