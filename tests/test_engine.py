@@ -242,6 +242,25 @@ def test_an_upside_down_photo_fails_the_head_angle_check(crops, name, tier):
 
 
 @pytest.mark.parametrize("name", ["astronaut", "hopper"])
+@pytest.mark.parametrize("tone", ["sepia", "faded"])
+def test_an_upright_photo_with_weak_colour_cues_is_not_refused(crops, name, tone):
+    """Pale lips and faint brows (a sepia print, a faded scan) weaken both cues on an upright face;
+    the verdict then needs the photo turned by 180 degrees to fit clearly more upright, which an
+    upright face never does (a reviewer found sepia and faded Grace Hopper refused before)."""
+    from PIL import ImageEnhance, ImageOps
+
+    if not FACE_BACKEND.startswith("mediapipe"):
+        pytest.skip("the head-angle check needs the landmark backend")
+    img = Image.fromarray(crops[(name, "sd")])
+    if tone == "sepia":
+        img = ImageOps.colorize(img.convert("L"), (40, 20, 10), (255, 235, 200))
+    else:
+        img = ImageEnhance.Color(img).enhance(0.1)
+    chk = check_image(np.asarray(img))
+    assert chk.error is None and chk.details["upside_down"] is False, chk.details
+
+
+@pytest.mark.parametrize("name", ["astronaut", "hopper"])
 def test_orientation_cues_on_grey_photos(crops, name):
     """A grey photo has no lip colour: only brows far lighter than the cheeks mean upside down,
     so an upright grey face is never refused for it."""

@@ -244,6 +244,30 @@ def _landmark_face_facts(rgb: np.ndarray, P: np.ndarray) -> dict:
     return out
 
 
+#: how much more upright (lip Δa* + brow ΔL*) the photo turned by 180 degrees must look before an
+#: upside-down verdict from the cues stands (upright portraits score 11-21, turned ones -35-2)
+UPSIDE_DOWN_MARGIN = 4.0
+
+
+def _upright_score(facts: dict) -> float:
+    return facts.get("lips_minus_cheek_a_star", 0.0) + facts.get("cheek_minus_brow_l_star", 0.0)
+
+
+def _confirmed_upside_down(rgb: np.ndarray, facts: dict, lm, details: dict) -> bool:
+    """The cues can be weak on an upright face (pale lips, sepia, faint brows): fit the mesh on the
+    photo turned by 180 degrees as well, and keep the verdict only if that fit looks clearly more
+    upright. One more landmark pass, only for photos the cues flag."""
+    turned = np.ascontiguousarray(rgb[::-1, ::-1])
+    found = lm.detect(turned)
+    if not found:
+        details["upside_down_check"] = "cues flagged it, but no face is found in the turned photo: taken as upright"
+        return False
+    other = _landmark_face_facts(turned, found[0].points)
+    gain = _upright_score(other) - _upright_score(facts)
+    details["upside_down_gain"] = gain
+    return gain >= UPSIDE_DOWN_MARGIN
+
+
 def _looks_upside_down(facts: dict) -> bool:
     if "lips_minus_cheek_a_star" not in facts:
         return False
@@ -299,8 +323,8 @@ def _check_landmarks(rgb: np.ndarray, cfg: GateConfig, lm) -> FaceCheck:
     # the mesh is always fitted upright: an upside-down photo (say, one that lost its EXIF
     # orientation) gets a small measured roll, so its orientation is judged from colour too
     roll = fl.roll
-    details["upside_down"] = _looks_upside_down(facts)
     details.update({k: v for k, v in facts.items() if k != "skin_l"})
+    details["upside_down"] = _looks_upside_down(facts) and _confirmed_upside_down(rgb, facts, lm, details)
     if details["upside_down"]:
         roll = (roll + 360.0) % 360.0 - 180.0 if roll >= 0 else roll + 180.0
         details["roll_deg"] = roll
