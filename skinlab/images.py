@@ -29,7 +29,6 @@ import hashlib
 import io
 import os
 import struct
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Union
@@ -412,9 +411,9 @@ def prepare_image(source: ImageSource, *, tier: str = "sd", downscale: bool = Fa
         raise ImageError(f"{label} is {article} {fmt.upper()} file; the service accepts only JPEG and PNG. "
                          f"{_CONVERT_HINT}")
     try:
-        with warnings.catch_warnings():  # the size is judged just below, with a clearer message
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+        # (Pillow may warn of a bomb here too; catch_warnings is not thread-safe, and batches
+        # prepare photos in worker threads, so its warning is left alone)
+        img = Image.open(io.BytesIO(data))
         if img.width * img.height > MAX_PIXELS:
             raise ImageError(
                 f"{label} declares {img.width}x{img.height} pixels ({img.width * img.height / 1e6:.0f} megapixels), "

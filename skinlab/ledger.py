@@ -2117,7 +2117,8 @@ class Ledger:
                 value = filters.pop(key)
                 if key in _FILTER_VALUES:
                     known = _FILTER_VALUES[key]
-                    bad = {v for v in ([value] if isinstance(value, str) else value) if v not in known}
+                    bad = {v for v in ([value] if isinstance(value, str) else value)
+                           if v is not None and v not in known}  # None: rows without a value
                     if bad:
                         raise LedgerError(f"Unknown {key} {sorted(map(str, bad))}; the {key} values are "
                                           f"{', '.join(known)}.")

@@ -215,6 +215,14 @@ def _wrap_note(note: str, inches: float, per_inch: float = 13.0) -> str:
                      for line in note.split("\n"))
 
 
+def _root_figure(ax):
+    """The Figure an axes is drawn in, through any SubFigure (which has no size and cannot save)."""
+    fig = ax.figure
+    while not hasattr(fig, "savefig") or type(fig).__name__ == "SubFigure":
+        fig = fig.figure
+    return fig
+
+
 def _title(ax, title: str, note: str) -> None:
     """An axes title with the instrument note above the plot, wrapped to the axes' share of the
     figure width (an unwrapped note wider than the figure made the layout squash the plot)."""
@@ -223,7 +231,7 @@ def _title(ax, title: str, note: str) -> None:
     if spec is not None:
         cols = spec.get_gridspec().ncols
         share *= len(range(spec.colspan.start, spec.colspan.stop)) / cols
-    note = _wrap_note(note, ax.figure.get_figwidth() * share, per_inch=15.0)
+    note = _wrap_note(note, _root_figure(ax).get_figwidth() * share, per_inch=15.0)
     lines = note.count("\n") + 1
     ax.set_title(title, loc="left", fontweight="bold", pad=6 + 11 * lines)
     ax.text(0, 1.012, note, transform=ax.transAxes, ha="left", va="bottom", fontsize="small", color=_NOTE)
@@ -408,7 +416,7 @@ def score_profile(result, *, score: str = "ui", regions: bool = False, allow_mix
         fig = _new_figure((7.5, 1.6 + 0.32 * len(rows)))
         ax = fig.add_subplot()
     else:
-        fig = ax.figure
+        fig = _root_figure(ax)
     y = list(range(len(rows)))
     colors = [_REGION if is_region else _WHOLE for *_, is_region in rows]
     bars = ax.barh(y, [v for _, _, v, _ in rows], color=colors, height=0.72)
@@ -677,7 +685,7 @@ def mask_overlay(result, concerns=None, *, regions: bool = False, colors: str | 
         fig = _new_figure((ncols_ * panel_width + 0.2, nrows * panel_h + 0.9 + (0.5 if legend else 0)))
         axes = list(np.atleast_1d(fig.subplots(nrows, ncols_, squeeze=False)).ravel())
     else:
-        fig, axes = ax.figure, [ax]
+        fig, axes = _root_figure(ax), [ax]
 
     from matplotlib.patches import Patch
 
@@ -820,7 +828,7 @@ def before_after(before, after, *, score: str = "ui", labels: tuple[str, str] = 
         ax_s, ax_c = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [3, 2]})
     else:
         ax_s, ax_c = ax
-        fig = ax_s.figure
+        fig = _root_figure(ax_s)
     y = list(range(len(common)))
     hgt = 0.38
     bars_a = ax_s.barh([i - hgt / 2 for i in y], va, height=hgt, color=_BEFORE, label=labels[0])
@@ -966,7 +974,7 @@ def cohort(df, by: str = "condition", *, score: str = "ui", concerns=None, regio
         fig = _new_figure((max(6.0, 1.2 + len(keys) * (0.35 + 0.32 * len(groups))), 5.0))
         ax = fig.add_subplot()
     else:
-        fig = ax.figure
+        fig = _root_figure(ax)
     width = 0.8 / len(groups)
     rng = np.random.default_rng(0)
     for j, group in enumerate(groups):
@@ -1027,7 +1035,7 @@ def _fit_xticklabels(ax) -> None:
         return
     for t in labels:
         t.set(rotation=0, rotation_mode="default", ha="center", va="top")
-    fig = ax.figure
+    fig = _root_figure(ax)
     fig.draw_without_rendering()
     # a Figure made without pyplot and without an Agg canvas has no canvas.get_renderer()
     renderer = fig.canvas.get_renderer() if hasattr(fig.canvas, "get_renderer") else fig._get_renderer()
@@ -1149,7 +1157,7 @@ def time_course(df, concern, *, score: str = "ui", time: str = "timepoint", subj
         for extra in axes[len(panels):]:
             extra.remove()
     else:
-        fig, axes = ax.figure, [ax]
+        fig, axes = _root_figure(ax), [ax]
 
     from matplotlib.lines import Line2D
 

@@ -67,7 +67,9 @@ def _near_fixed(name: str) -> str | None:
         return None
     if low in _FIXED_ALIASES:
         return _FIXED_ALIASES[low]
-    close = difflib.get_close_matches(low, FIXED_TAGS, n=1, cutoff=0.75)
+    # a misspelling, not another word: close and with the same first letter ("subjet", "timepiont";
+    # not "object" or "edition")
+    close = [c for c in difflib.get_close_matches(low, FIXED_TAGS, n=1, cutoff=0.85) if c[0] == low[:1]]
     return close[0] if close else None
 
 

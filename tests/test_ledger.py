@@ -416,6 +416,7 @@ def test_filters(ledger):
         ledger.submissions(tier=["sd", "HD"])
     with pytest.raises(LedgerError, match="Unknown format"):
         ledger.wide(format="png")
+    assert len(ledger.submissions(tier=[None, "sd", "hd"])) == len(ledger.submissions())  # None: rows without one
     everything = ledger.submissions()
     assert len(everything) and len(ledger.submissions(backend=["local", "cloud"])) == len(everything)
 

@@ -214,6 +214,7 @@ def test_a_column_spelled_like_a_fixed_tag_is_warned_about(tmp_path, column, fix
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         FilenamePattern("{subject}_{visit}.jpg")
+        FilenamePattern("{object}_{edition}_{subject_age}.jpg")  # other words, not misspellings
         sheet.write_text(f"filename,subject,{column}\nS01_T0.jpg,S01,x\n" if fixed == "subject"
                          else "filename,visit,site\nS01_T0.jpg,1,A\n", encoding="utf-8")
         TagSheet.from_csv(sheet)  # the fixed tag is there too, or no column looks like one

@@ -709,3 +709,14 @@ def test_cohort_with_a_real_engine_name_keeps_its_plot_wide(by):
     renderer = fig.canvas.get_renderer()
     note = next(t for t in ax.texts if "mediapipe" in t.get_text())
     assert note.get_window_extent(renderer).x1 <= fig.bbox.width  # wrapped inside the figure
+
+
+def test_plots_draw_into_an_axes_of_a_subfigure():
+    """An ax= inside a matplotlib SubFigure (no figure size of its own) is accepted."""
+    df, names = _all_concerns_table()
+    fig = plt.figure(figsize=(8, 4), layout="constrained")
+    left, _right = fig.subfigures(1, 2)
+    ax = left.subplots()
+    out = plots.cohort(df, by="condition", concerns=names[:3], ax=ax)
+    assert out is fig  # the root figure, which can be saved
+    assert any("local engine" in t.get_text() for t in ax.texts)

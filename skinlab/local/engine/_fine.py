@@ -561,8 +561,8 @@ def _resample_plane(img: np.ndarray, f: float) -> np.ndarray:
 def find_spots(view: View, where: np.ndarray, support: np.ndarray | None = None):
     """Age spots: dark round scale-space blobs of L* (LoG, 1-8 mm across, searched at <= 2.5
     px/mm), whose centre is at least thr = max(6, 4 x noise) L* below a 12 mm median background
-    (on a ~0.6 px/mm copy of ``support``, L* smoothed at 0.3 mm; the depth is exposure-normalised:
-    scaled by (SPOT_REF_L + 16) / (background + 16)), roundness >= 0.4, browner than
+    (on a ~0.6 px/mm copy of ``support``, L* smoothed at 0.3 mm; the depth and the noise term are
+    exposure-normalised: scaled by (SPOT_REF_L + 16) / (background + 16)), roundness >= 0.4, browner than
     the surroundings (mean b* over the spot >= its 4 mm background + 1), and ringed by skin (a
     ring at 1.5-2 spot radii at least 75 % ``support`` and at most half as dark as the centre).
     The spot's extent: pixels within 1.5 radii at least half as dark as its centre.
@@ -580,7 +580,10 @@ def find_spots(view: View, where: np.ndarray, support: np.ndarray | None = None)
     s03 = max(0.5, 0.3 * view.ppmm)
     Ls = _smooth(L, s03)
     nz = view.noise / (2 * math.sqrt(math.pi) * s03)       # noise std after the 0.3 mm blur
-    thr = max(SPOT_MIN_DL, 4.0 * nz)
+    # the noise guard in the same exposure-normalised units as the darkness (below), so that a dim
+    # or dark-skinned photo keeps 4 sigma of margin, not fewer
+    gain = (SPOT_REF_L + 16.0) / max(ref + 16.0, 1.0)
+    thr = max(SPOT_MIN_DL, 4.0 * nz * gain)
     # darkness as a fraction of the background's L* + 16 (which a change of exposure scales by
     # the cube root of the light), expressed in L* of a reference skin at SPOT_REF_L: a spot on
     # skin of L* 65 keeps its L* depth, and 8 % less exposure no longer drops a fifth of them
