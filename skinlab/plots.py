@@ -437,15 +437,18 @@ def score_profile(result, *, score: str = "ui", regions: bool = False, allow_mix
     if annotate:
         for bar, (_, _, v, _) in zip(bars, rows):
             inside = v > 88
+            # above the overall line, on a white ground where they sit beside the bar, so the dashed
+            # line does not run through the figures
             ax.text(v - 1 if inside else v + 1, bar.get_y() + bar.get_height() / 2, _fmt(v, col),
                     va="center", ha="right" if inside else "left", fontsize="small",
-                    color="white" if inside else "0.15")
+                    color="white" if inside else "0.15", zorder=4,
+                    bbox=None if inside else dict(facecolor="white", edgecolor="none", pad=0.6, alpha=0.9))
 
     handles = []
     overall = getattr(result, "overall", None)
     if col == "ui_score" and overall is not None:
         handles.append(ax.axvline(overall, color=OKABE_ITO["black"], linestyle="--", linewidth=1.2,
-                                  label=f"Overall {overall:.1f}"))
+                                  label=f"Overall {overall:.1f}", zorder=3))
     if regions and any(r[3] for r in rows):
         from matplotlib.patches import Patch
 
@@ -866,8 +869,15 @@ def before_after(before, after, *, score: str = "ui", labels: tuple[str, str] = 
         axis.set_axisbelow(True)
         for side in ("top", "right"):
             axis.spines[side].set_visible(False)
-    _title(ax_s, title or f"{labels[0]} and {labels[1]}", _instrument_note(both))
+    _title(ax_s, title or _pair_title(a, b, labels), _instrument_note(both))
     return fig
+
+
+def _pair_title(a, b, labels: tuple[str, str]) -> str:
+    """"Before and After", with the subject when both submissions name the same one."""
+    each = [{str(v) for v in df["subject"].dropna().unique()} if "subject" in df.columns else set() for df in (a, b)]
+    who = f"{next(iter(each[0]))}: " if len(each[0]) == 1 and each[0] == each[1] else ""
+    return f"{who}{labels[0]} and {labels[1]}"
 
 
 # ----------------------------------------------------------------------------- cohorts

@@ -720,3 +720,24 @@ def test_plots_draw_into_an_axes_of_a_subfigure():
     out = plots.cohort(df, by="condition", concerns=names[:3], ax=ax)
     assert out is fig  # the root figure, which can be saved
     assert any("local engine" in t.get_text() for t in ax.texts)
+
+
+def test_before_after_title_names_the_subject_of_both(results):
+    """Two submissions of one subject: the default title says whose they are; different or no
+    subjects: the plain "Before and After"."""
+    a = results["zip"].scores.assign(subject="S07")
+    b = results["red_json"].scores.assign(subject="S07")
+    title = lambda fig: fig.axes[0].get_title(loc="left")  # noqa: E731
+    assert title(plots.before_after(a, b, labels=("T0", "T4"))) == "S07: T0 and T4"
+    assert title(plots.before_after(a, b.assign(subject="S08"))) == "Before and After"
+    assert title(plots.before_after(results["zip"], results["red_json"])) == "Before and After"
+
+
+def test_score_profile_value_labels_sit_above_the_overall_line(results):
+    fig = plots.score_profile(results["zip"])
+    ax = fig.axes[0]
+    line = next(ln for ln in ax.get_lines() if ln.get_label().startswith("Overall"))
+    labels = [t for t in ax.texts if t.get_text().strip().isdigit()]
+    assert labels and all(t.get_zorder() > line.get_zorder() for t in labels)
+    outside = [t for t in labels if t.get_color() != "white"]
+    assert outside and all(t.get_bbox_patch() is not None for t in outside)  # a white ground under the figures
