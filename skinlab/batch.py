@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from . import errors
-from .ledger import sentences
+from ._net import redact_url
 from .actions import resolve_actions, validate_actions
+from .ledger import sentences
 
 __all__ = ["BatchItem", "BatchReport", "FolderScan", "analyze_many", "collect_images", "scan_folder"]
 
@@ -66,6 +67,47 @@ def _hidden(name: str) -> bool:
     return name.startswith(".") or name.lower() in SYSTEM_FILES
 
 
+#: The keys of the ``result.json`` that :meth:`skinlab.results.AnalysisResult.save` writes: a folder
+#: holding one is a result folder of skinlab's (its masks and resize_image.jpg are not photos).
+_RESULT_JSON_KEYS = frozenset({"task_id", "format", "tier", "backend", "engine", "scores"})
+#: The first bytes of an SQLite database file (a ledger).
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _is_result_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a ``result.json`` written by skinlab (``AnalysisResult.save``)."""
+    import json
+
+    path = folder / "result.json"
+    try:
+        if not path.is_file() or path.stat().st_size > 64 * 1024 * 1024:
+            return False
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and _RESULT_JSON_KEYS <= data.keys() and isinstance(data.get("scores"), list)
+
+
+def _is_ledger_results(folder: Path) -> bool:
+    """Whether ``folder`` is a ledger's results directory: named ``results`` beside an SQLite file
+    (the ledger, whatever its name), as :class:`~skinlab.ledger.Ledger` lays them out."""
+    if folder.name != "results":
+        return False
+    try:
+        siblings = [q for q in folder.parent.iterdir() if q.is_file() and not q.name.endswith(("-wal", "-shm",
+                                                                                              "-journal"))]
+    except OSError:
+        return False
+    for q in siblings:
+        try:
+            with open(q, "rb") as fh:
+                if fh.read(len(_SQLITE_HEADER)) == _SQLITE_HEADER:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 @dataclass
 class FolderScan:
     """What :func:`scan_folder` found in a folder."""
@@ -73,23 +115,75 @@ class FolderScan:
     files: list[Path]  # the photos, sorted (by relative path when recursive)
     skipped: list[Path]  # hidden and system files (``._S05_T0.jpg``, ``.DS_Store``, ``Thumbs.db``)
     subfolders: list[Path]  # subfolders holding photos that a search that is not recursive left out
+    #: skinlab's own output folders, not searched: those holding a ``result.json`` written by skinlab
+    #: (a per-photo result folder), and a ledger's ``results`` directory
+    results: list[Path] = field(default_factory=list)
 
     def skipped_line(self, folder: Any) -> str | None:
-        """One line saying how many hidden or system files were skipped, or None."""
-        if not self.skipped:
+        """One line saying how many hidden or system files and skinlab result folders were skipped, or None."""
+        parts = []
+        if self.skipped:
+            shown = ", ".join(p.name for p in self.skipped[:3]) + (", ..." if len(self.skipped) > 3 else "")
+            parts.append(f"{len(self.skipped)} hidden or system file(s) in {str(folder)!r} ({shown}): sidecar "
+                         "files that macOS or Windows leave beside photos, not photos")
+        if self.results:
+            root = Path(folder)
+
+            def name(p: Path) -> str:
+                try:
+                    return p.relative_to(root).as_posix() if p != root else str(folder)
+                except ValueError:
+                    return str(p)
+
+            shown = ", ".join(name(p) for p in self.results[:3]) + (", ..." if len(self.results) > 3 else "")
+            parts.append(f"{len(self.results)} skinlab result folder(s) "
+                         + ("" if self.skipped else f"in {str(folder)!r} ")
+                         + f"({shown}): skinlab's own output (result.json, masks, resize_image.jpg, a ledger's "
+                           "results directory), not photos")
+        if not parts:
             return None
-        shown = ", ".join(p.name for p in self.skipped[:3]) + (", ..." if len(self.skipped) > 3 else "")
-        return (f"Skipped {len(self.skipped)} hidden or system file(s) in {str(folder)!r} ({shown}): "
-                "sidecar files that macOS or Windows leave beside photos, not photos.")
+        return "Skipped " + "; and ".join(parts) + "."
 
 
-def scan_folder(folder: str | os.PathLike, *, recursive: bool = False) -> FolderScan:
+def scan_folder(folder: str | os.PathLike, *, recursive: bool = False,
+                exclude: Iterable[str | os.PathLike] = ()) -> FolderScan:
     """The JPEG/PNG files of ``folder`` (and of its subfolders when ``recursive``), skipping hidden
-    files and folders (names starting with '.') and system files such as ``Thumbs.db``."""
+    files and folders (names starting with '.'), system files such as ``Thumbs.db``, and skinlab's
+    own output: a folder holding a ``result.json`` written by skinlab (its masks and
+    ``resize_image.jpg``), a ledger's ``results`` directory, and the folders in ``exclude``."""
     root = Path(folder)
     files: list[Path] = []
     skipped: list[Path] = []
     subfolders: list[Path] = []
+    results: list[Path] = []
+    excluded = set()
+    for e in exclude:
+        try:
+            excluded.add(Path(e).expanduser().resolve())
+        except (OSError, RuntimeError):
+            pass
+
+    def skinlab_output(p: Path) -> bool:
+        try:
+            if p.resolve() in excluded:
+                return True
+        except (OSError, RuntimeError):
+            pass
+        return _is_result_folder(p) or _is_ledger_results(p)
+
+    def has_photos(here: Path) -> bool:
+        """Whether a search of ``here`` that is recursive would find photos."""
+        if skinlab_output(here):
+            return False
+        for q in sorted(here.iterdir()):
+            if _hidden(q.name):
+                continue
+            if q.is_dir():
+                if has_photos(q):
+                    return True
+            elif q.suffix.lower() in IMAGE_SUFFIXES and q.is_file():
+                return True
+        return False
 
     def walk(here: Path) -> None:
         for p in sorted(here.iterdir()):
@@ -98,34 +192,45 @@ def scan_folder(folder: str | os.PathLike, *, recursive: bool = False) -> Folder
                     skipped.append(p)
             elif p.is_dir():
                 if recursive:
-                    walk(p)
-                elif any(q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES and not _hidden(q.name)
-                         for q in p.rglob("*")):
+                    if skinlab_output(p):
+                        results.append(p)
+                    else:
+                        walk(p)
+                elif has_photos(p):
                     subfolders.append(p)
             elif p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
                 files.append(p)
 
-    walk(root)
-    return FolderScan(files=files, skipped=skipped, subfolders=subfolders)
+    if skinlab_output(root):  # e.g. skinlab analyze out/S01_T0: its files are skinlab's output
+        results.append(root)
+    else:
+        walk(root)
+    return FolderScan(files=files, skipped=skipped, subfolders=subfolders, results=results)
 
 
-def collect_images(images: Any, *, recursive: bool = False) -> list[Any]:
+def collect_images(images: Any, *, recursive: bool = False, exclude: Iterable[str | os.PathLike] = ()) -> list[Any]:
     """Expand ``images`` into a list: a folder gives its JPEG/PNG files (sorted; those of its
-    subfolders too when ``recursive``), skipping hidden files (``._S05_T0.jpg``, ``.DS_Store``) and
-    system files (``Thumbs.db``); a path, bytes, PIL image or URL stays one item; a list is taken
-    as it is."""
+    subfolders too when ``recursive``), skipping hidden files (``._S05_T0.jpg``, ``.DS_Store``),
+    system files (``Thumbs.db``) and skinlab's own result folders (see :func:`scan_folder`); a
+    path, bytes, PIL image or URL stays one item; a list is taken as it is."""
     if isinstance(images, (str, os.PathLike)) and Path(images).is_dir():
-        scan = scan_folder(images, recursive=recursive)
-        if scan.skipped:
+        scan = scan_folder(images, recursive=recursive, exclude=exclude)
+        if scan.skipped or scan.results:
             log.info("%s", scan.skipped_line(images))
         if not scan.files:
             why = f"No .jpg, .jpeg or .png files in {str(images)!r}"
-            if scan.subfolders:
+            if scan.results and scan.results[0] == Path(images):
+                why += (" to analyse: it is a skinlab result folder (it holds skinlab's result.json), whose "
+                        "images are skinlab's output, not photos. Give the folder of the original photos")
+            elif scan.subfolders:
                 names = ", ".join(p.name for p in scan.subfolders[:5]) + (", ..." if len(scan.subfolders) > 5 else "")
                 why += (f"; its subfolder(s) {names} hold some, and the search is not recursive. "
                         "Pass recursive=True to include subfolders")
             elif scan.skipped:
                 why += f" (only hidden or system files, skipped: {', '.join(p.name for p in scan.skipped[:3])})"
+            elif scan.results:
+                why += (f" outside skinlab's own result folders ({', '.join(p.name for p in scan.results[:3])}), "
+                        "which are skipped: their images are skinlab's output, not photos")
             raise errors.InvalidParametersError(why + ".")
         return scan.files
     if isinstance(images, (str, os.PathLike, bytes, bytearray)) or hasattr(images, "read") or hasattr(images, "mode"):
@@ -154,7 +259,8 @@ class BatchItem:
         an image whose task was created (left running, its id kept). In a dry run: ``planned``
         (would be sent), ``reused``, ``held`` (the ledger holds an ambiguous, running or
         in-progress submission of it, so nothing would be sent; the decision is in ``reason``) or
-        ``skipped``.
+        ``skipped`` (``reason`` ``max_units``, or a pre-flight problem's code: the run then submits
+        it and records it ``failed``, which the summary says).
     status : str or None
         The ledger row's status.
     units : int
@@ -220,12 +326,17 @@ class BatchReport:
         return dict(Counter(i.reason or "error" for i in self.items if i.outcome == "failed" and not i.ambiguous))
 
     def summary(self) -> str:
-        backend = f"the {self.backend.upper()} backend ({self.base_url})"
+        backend = f"the {self.backend.upper()} backend ({redact_url(self.base_url)})"
         if self.dry_run:
             held = Counter(i.reason or "held" for i in self.items if i.outcome == "held")
+            # a pre-flight problem is "skipped" here (nothing would be sent) but the run records it as failed
+            doomed = sum(1 for i in self.items if _fails_in_run(i))
             lines = [f"DRY RUN on {backend}: nothing was sent.",
-                     f"  would submit {self.count('planned')} image(s), reuse {self.count('reused')} recorded, "
-                     f"skip {self.count('skipped')} (pre-flight problems or max_units)",
+                     f"  would submit {self.count('planned')} image(s), reuse {self.count('reused')} recorded"
+                     + (f", skip {self.count('skipped') - doomed} (max_units)" if self.count("skipped") > doomed
+                        else "")
+                     + (f", fail {doomed} (pre-flight problems: the run records them as failed, nothing billed)"
+                        if doomed else ""),
                      f"  estimated cost {self.units_estimated} units"
                      + (f" against a balance of {self.balance:g}" if self.balance is not None else "")]
             if held:
@@ -261,7 +372,8 @@ class BatchReport:
                 lines.append(f"  failed with {reason}: {n}")
         for item in self.items:
             if item.outcome in ("failed", "skipped", "held") and item.error:
-                lines.append(f"  - {item.label}: {item.error}")
+                said = "would fail: " if self.dry_run and _fails_in_run(item) else ""
+                lines.append(f"  - {item.label}: {said}{item.error}")
         if self.stopped:
             lines.append(f"  stopped early: {self.stopped}")
         if self.ledger_path:
@@ -276,6 +388,12 @@ class BatchReport:
 
     def __repr__(self) -> str:
         return self.summary()
+
+
+def _fails_in_run(item: BatchItem) -> bool:
+    """A dry run's item skipped for a pre-flight problem (not for ``max_units``): the run submits it
+    and records it as ``failed``."""
+    return item.outcome == "skipped" and item.reason != "max_units"
 
 
 def _progress(total: int, enabled: bool, backend: str | None = None):
@@ -415,7 +533,7 @@ def _run(report: BatchReport, sources, names, ledger, client, tags, force, optio
          timeout, progress, on_update, stop) -> None:
     t0 = time.monotonic()
     log.info("skinlab batch: %d image(s) on the %s backend (%s), %d at a time%s", len(sources),
-             client.backend.upper(), client.base_url, max(1, max_workers),
+             client.backend.upper(), redact_url(client.base_url), max(1, max_workers),
              f", max_units={max_units}" if max_units is not None else "")
     bar = _progress(len(sources), progress, client.backend)
     budget_lock = threading.Lock()

@@ -36,16 +36,32 @@ __all__ = ["main"]
 _OUT_LOCK = threading.Lock()
 
 
+#: The user name and password of a URL (``http://me:secret@host``): never printed.
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/?#@'\"<>]+@")
+
+
+def _redacted(text: str) -> str:
+    """``text`` with the user name and password of every URL in it shown as ``***``
+    (``http://***@127.0.0.1:8799``); :func:`skinlab._net.redact_url` drops them from one URL."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
 def _write_line(text: str, file=None) -> None:
     """Write ``text`` and a newline as one piece, under :data:`_OUT_LOCK` and through ``tqdm.write``,
     which lifts an active progress bar off the terminal first and draws it again after: no line is
-    glued to another, or to the bar."""
+    glued to another, or to the bar. Credentials in URLs (``--base-url http://me:secret@...``) are
+    shown as ``***``, in every line the command writes (its own, warnings, errors and log lines)."""
     from tqdm import tqdm
 
     file = sys.stdout if file is None else file
     with _OUT_LOCK:
-        tqdm.write(text, file=file)
-        file.flush()
+        try:
+            tqdm.write(_redacted(str(text)), file=file)
+            file.flush()
+        except BrokenPipeError as exc:
+            if file is sys.stdout:  # the reader of stdout left: main() stops quietly (see _stdout_broken)
+                exc.skinlab_stdout = True
+            raise
 
 
 def _print(*args) -> None:
@@ -179,6 +195,32 @@ def _listed(paths: list[Path], limit: int = 3) -> str:
     return ", ".join(str(p) for p in paths[:limit]) + (", ..." if len(paths) > limit else "")
 
 
+#: How the per-photo lines name an outcome, in the summary's words (the summary says "not started N").
+_OUTCOME_WORDS = {"interrupted": "not started (interrupted)"}
+
+
+def _unique_photos(photos: list) -> list:
+    """``photos`` with each file once (by its resolved path; the first kept), and a note naming the
+    ones given more than once (``skinlab analyze dup/ dup/S02_T0.jpg``)."""
+    seen: set = set()
+    kept: list = []
+    again: list = []
+    for p in photos:
+        try:
+            key = Path(p).expanduser().resolve()
+        except (OSError, RuntimeError):
+            key = Path(p).expanduser().absolute()
+        if key in seen:
+            again.append(p)
+            continue
+        seen.add(key)
+        kept.append(p)
+    if again:
+        _print(f"note: Skipped {len(again)} photo(s) given more than once ({_listed(again)}): each file is analysed "
+               "once, as it first appears.")
+    return kept
+
+
 def _key_variable() -> str | None:
     """The environment variable whose API key a client made without one sends (as
     :class:`~skinlab.client.Client` picks it), or None when neither holds a key."""
@@ -218,6 +260,7 @@ def _open_ledger(path: Path, *, given: bool):
 
 
 def _cmd_analyze(args) -> int:
+    from ._net import redact_url
     from .batch import analyze_many, collect_images, scan_folder
     from .client import connect
     from .ledger import sentences
@@ -231,13 +274,20 @@ def _cmd_analyze(args) -> int:
                + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
                + f". Check the path (relative paths start at {os.getcwd()!r}).")
         return 2
+    # the per-photo folders go to --out, else beside the --ledger file, else to ./skinlab-results
+    out = Path(args.out) if args.out else Path(args.ledger).expanduser().parent if args.ledger else \
+        Path("skinlab-results")
+    ledger_path = Path(args.ledger) if args.ledger else out / "ledger.sqlite"
+    # skinlab's own output is never taken for photos (e.g. FOLDER --recursive with the ledger inside it):
+    # the ledger's results directory, and any folder holding a result.json of skinlab's (scan_folder)
+    own_output = [ledger_path.expanduser().absolute().parent / "results"]
     photos: list = []
     stems: dict[Path, str] = {}  # photos found in subfolders (--recursive): result folders named by path
     for p in args.photos:
         if not Path(p).is_dir():
             photos.append(Path(p))
             continue
-        scan = scan_folder(p, recursive=args.recursive)
+        scan = scan_folder(p, recursive=args.recursive, exclude=own_output)
         others = _other_images(Path(p), args.recursive)
         if others and not scan.files and not scan.subfolders:
             _print(f"error: No .jpg, .jpeg or .png files in {str(p)!r}: its {len(others)} image file(s) are of "
@@ -248,7 +298,7 @@ def _cmd_analyze(args) -> int:
             _print(f"note: Skipped {len(others)} file(s) in {str(p)!r} that are not JPEG or PNG "
                    f"({_listed(others)}): the service takes only JPEG and PNG; convert them to JPEG or PNG to "
                    "analyse them too.")
-        found = collect_images(p, recursive=args.recursive)
+        found = collect_images(p, recursive=args.recursive, exclude=own_output)
         skipped = scan.skipped_line(p)
         if skipped:
             _print(f"note: {skipped}")
@@ -257,6 +307,7 @@ def _cmd_analyze(args) -> int:
             if len(rel.parts) > 1:
                 stems[f] = "_".join(rel.with_suffix("").parts)
         photos.extend(found)
+    photos = _unique_photos(photos)
     tmp = scratch = None
     if args.sample:
         from .samples import save_sample
@@ -284,9 +335,6 @@ def _cmd_analyze(args) -> int:
         tags = FilenamePattern(args.pattern)
     if tags is not None and hasattr(tags, "check"):
         tags.check([p for p in photos if isinstance(p, Path)])  # every photo has its tags, before any upload
-    # the per-photo folders go to --out, else beside the --ledger file, else to ./skinlab-results
-    out = Path(args.out) if args.out else Path(args.ledger).expanduser().parent if args.ledger else \
-        Path("skinlab-results")
     client = connect(base_url=args.base_url, local=True if args.local else None, api_version=args.api_version)
     ledger = None
     embedded = client.backend == "local" and not args.base_url     # the emulator stops with this command
@@ -305,12 +353,12 @@ def _cmd_analyze(args) -> int:
             else:  # Client.local(): the embedded engine gets no key
                 why = f"--local given; the API key in {key} is not used" if key else "no API key set"
             where = "engine" if args.base_url else "embedded engine"   # --base-url: e.g. a skinlab serve
-            _print(f"Backend: LOCAL {where} at {client.base_url} ({why}). Scores are measured "
+            _print(f"Backend: LOCAL {where} at {redact_url(client.base_url)} ({why}). Scores are measured "
                    "from the pixels by skinlab's engine: not the YouCam service, not clinically validated.")
         else:
-            _print(f"Backend: YouCam CLOUD at {client.base_url} ({client.api_version}); "
+            _print(f"Backend: YouCam CLOUD at {redact_url(client.base_url)} ({client.api_version}); "
                    f"each successful photo costs {estimate_units(names)} units.")
-        ledger_path = Path(args.ledger) if args.ledger else out / "ledger.sqlite"
+        intended = ledger_path
         if args.dry_run and not ledger_path.expanduser().exists():
             # nothing is recorded yet, so every photo is new: look up in a scratch ledger, and leave no
             # file or folder behind (a dry run changes nothing)
@@ -325,20 +373,30 @@ def _cmd_analyze(args) -> int:
         report = analyze_many(photos, names, ledger=ledger, client=client, tags=tags, dry_run=args.dry_run,
                               max_units=args.max_units, max_workers=args.workers, progress=len(photos) > 1,
                               timeout=args.timeout, force=args.force, format=args.format, downscale=args.downscale)
+        if scratch is not None:  # the scratch ledger is gone when the command ends: name the user's
+            report.ledger_path = f"{intended} (does not exist yet; the dry run did not create it)"
         if args.dry_run and tags is not None:
             source = f"--pattern {args.pattern!r}" if args.pattern else f"--tags {args.tags}"
             _print(f"\nTags ({source}):")
             for item, photo in zip(report.items, photos):
                 _print(f"   {item.label}: {_tags_line(tags_for(tags, photo))}")
         if not args.dry_run:
+            from pandas.api.types import is_numeric_dtype
+
             used: set[str] = set()
             if out.expanduser().absolute() == ledger.root:  # the ledger's own files share the folder
                 used |= {ledger.results_dirname, ledger.path.name}
                 used |= {ledger.path.name + end for end in ("-wal", "-shm", "-journal")}
+            # why a photo was analysed again: the summary counts each reason ("analysed again N: why");
+            # each photo's block names the reason only when the run has several, so it is said once
+            reasons = {item.note for item in report.items if item.outcome == "done" and item.note}
             for item, photo in zip(report.items, photos):
-                _print(f"\n== {item.label}: {item.outcome}")
+                _print(f"\n== {item.label}: {_OUTCOME_WORDS.get(item.outcome, item.outcome)}")
                 if getattr(item, "note", None):     # e.g. analysed again with the current local engine
-                    _print(f"   {say(item.note)}")
+                    if item.outcome == "done" and len(reasons) == 1:
+                        _print("   analysed again (local, free): why is in the summary below")
+                    else:
+                        _print(f"   {say(item.note)}")
                 if item.submission_id is None:
                     if item.error:
                         _print(f"   {say(item.error)}")
@@ -353,8 +411,9 @@ def _cmd_analyze(args) -> int:
                     continue
                 _print(f"   task {result.task_id}  backend={result.backend}  engine={result.engine}")
                 table = result.scores.drop(columns=["concern", "backend", "engine"])
-                for col in table.select_dtypes("object"):  # e.g. skin_type, empty for scored actions
-                    table[col] = table[col].fillna("-")
+                for col in table.columns:  # e.g. skin_type, empty for scored actions (not select_dtypes:
+                    if not is_numeric_dtype(table[col]):  # pandas 3 warns on "object" for str columns)
+                        table[col] = table[col].fillna("-")
                 _print(table.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.1f}"))
                 if result.overall is not None:
                     _print(f"   overall score: {result.overall:.1f}")
@@ -829,6 +888,9 @@ class _Interrupts:
     there used to print a KeyboardInterrupt traceback from the threading module. ``program``
     (``main()`` called with no arguments, as the ``skinlab`` script does): such a Ctrl-C ends the
     process with 130 and one line; called from Python with arguments, the handler is put back instead.
+    Either way :meth:`restore` puts Python's handler back when ``main`` returns: as the program,
+    ``main`` first waits there for the images in flight (a Ctrl-C then quits at once), so the
+    interpreter's exit has none left to wait for.
     """
 
     def __init__(self, program: bool) -> None:
@@ -847,10 +909,9 @@ class _Interrupts:
         raise KeyboardInterrupt
 
     def done(self) -> None:
-        if self._previous is None:
-            return
-        if not self.program:
-            signal.signal(signal.SIGINT, self._previous)
+        """The command is over. As the program, after a Ctrl-C: wait for the images still in flight
+        (they stop at their next step), with one more Ctrl-C quitting at once."""
+        if self._previous is None or not self.program:
             return
         self.over = True
         if self.count:
@@ -862,6 +923,15 @@ class _Interrupts:
             if busy:
                 _write_line(f"note: waiting for {len(busy)} image(s) in flight to stop at their next step; Ctrl-C "
                             "again to quit now.", file=sys.stderr)
+            for t in busy:  # here, not in the interpreter's exit: a Ctrl-C meanwhile quits (self._handle)
+                while t.is_alive():
+                    t.join(0.1)
+
+    def restore(self) -> None:
+        """Put back the SIGINT handler this replaced (``main`` does, however it returns)."""
+        if self._previous is not None:
+            previous, self._previous = self._previous, None
+            signal.signal(signal.SIGINT, previous)
 
 
 def _quit(code: int) -> None:
@@ -897,11 +967,48 @@ def _discard_stdout() -> None:
 _EXIT_BROKEN_PIPE = 141
 
 
+def _stdout_broken(exc: BrokenPipeError) -> bool:
+    """Whether ``exc`` means that standard output itself is closed under the command (its reader
+    has gone), not another pipe or socket: it was raised writing a line to stdout
+    (:func:`_write_line` marks it), or stdout is broken now: flushing it raises BrokenPipeError, or
+    (POSIX) its file descriptor reports an error or hang-up, as a pipe whose reader left does
+    (e.g. after argparse's help met the closed pipe; the failed write dropped what it held, so a
+    flush alone does not tell)."""
+    if getattr(exc, "skinlab_stdout", False):
+        return True
+    stream = sys.stdout
+    try:
+        stream.flush()
+    except BrokenPipeError:
+        return True
+    except (OSError, ValueError, AttributeError):  # closed, or not a stream: not a pipe whose reader left
+        return False
+    try:
+        import select
+
+        fd = stream.fileno()
+        poller = select.poll()
+    except (AttributeError, OSError, ValueError, ImportError):  # not a file, or no poll (Windows)
+        return False
+    poller.register(fd, select.POLLOUT)
+    try:
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except OSError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``skinlab`` command: ``argv`` (default ``sys.argv[1:]``, as the program). Returns the exit code."""
     try:
         return _main(argv)
-    except BrokenPipeError:  # the reader of stdout left (skinlab actions | head): stop quietly
-        _discard_stdout()
+    except BrokenPipeError as exc:
+        if not _stdout_broken(exc):
+            raise  # another pipe (e.g. a socket), not the reader of stdout leaving: not ours to hide
+        # the reader of stdout left (skinlab actions | head): stop quietly. Only the program points
+        # its stdout at the null device (so Python's flush at exit raises nothing); called from
+        # Python, the caller's file descriptor 1 is left as it is.
+        if argv is None:
+            _discard_stdout()
         return _EXIT_BROKEN_PIPE
 
 
@@ -928,7 +1035,10 @@ def _main(argv: list[str] | None) -> int:
             return 130
         finally:
             if interrupts is not None:
-                interrupts.done()
+                try:
+                    interrupts.done()
+                finally:
+                    interrupts.restore()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 import requests
 
 from . import errors
-from ._net import is_loopback_url
+from ._net import is_loopback_url, redact_url
 from .actions import CATALOGUE, estimate_units, validate_actions, validate_format, validate_miniserver_args
 from .errors import (
     APIError, AuthenticationError, ConfigurationError, InsufficientCreditsError,
@@ -167,15 +167,6 @@ def check_transport(url: str, *, allow_insecure_http: bool = False, what: str = 
             f"{what}: refusing to send or fetch data over plain http to {parts.hostname} (from "
             f"{redact_url(url)!r}); face photos and results travel only over https. If you really mean it, "
             "create the client with allow_insecure_http=True.")
-
-
-def redact_url(url: str) -> str:
-    """The URL without its query (presigned signatures) and user info, for messages."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return f"{parts.scheme}://{host}{parts.path}"
 
 
 # --------------------------------------------------------------------------- policies
@@ -591,7 +582,7 @@ class Client:
         if key is None:
             if not _is_loopback(base):
                 raise ConfigurationError(
-                    f"No API key for {base}. Set SKINLAB_API_KEY (or YOUCAM_API_KEY), or pass api_key=.")
+                    f"No API key for {redact_url(base)}. Set SKINLAB_API_KEY (or YOUCAM_API_KEY), or pass api_key=.")
             key = LOCAL_TOKEN
         if api_version not in API_VERSIONS:
             raise ConfigurationError(f"api_version must be one of {', '.join(API_VERSIONS)}, got {api_version!r}")
@@ -645,7 +636,7 @@ class Client:
         return client
 
     def __repr__(self) -> str:
-        return f"<skinlab.Client {self.backend} {self.base_url} {self.api_version} key=***>"
+        return f"<skinlab.Client {self.backend} {redact_url(self.base_url)} {self.api_version} key=***>"
 
     def __enter__(self) -> "Client":
         return self
@@ -737,7 +728,7 @@ class Client:
                         f"service ({type(exc).__name__}). The task may exist and be billed; it was not re-sent. "
                         "Check your ledger or the console before submitting again.") from None
                 raise SkinlabConnectionError(
-                    f"{context or 'request'}: cannot reach {self.base_url} ({type(exc).__name__}). Check the "
+                    f"{context or 'request'}: cannot reach {redact_url(self.base_url)} ({type(exc).__name__}). Check the "
                     "network, or work offline with skinlab.Client.local().") from None
             self._note_backend(resp)
             status = resp.status_code

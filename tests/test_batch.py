@@ -608,3 +608,76 @@ def test_progress_bar_is_tqdm_auto_with_widgets_and_plain_text_without(monkeypat
         assert type(bar) is std.tqdm and bar.total == 3
     finally:
         bar.close()
+
+
+def test_scan_folder_skips_skinlab_result_folders_and_a_ledgers_results(tmp_path):
+    """skinlab's own output is not photos: a folder holding the result.json AnalysisResult.save
+    writes (with its masks and resize_image.jpg), and a ledger's results directory even where a
+    folder there holds no result.json yet. A result.json of someone else's does not count."""
+    import json
+
+    from skinlab.batch import scan_folder
+    from skinlab.results import AnalysisResult
+
+    with skinlab.local.serve(task_duration_s=0) as server, _client(server) as client:
+        photo = tmp_path / "S01" / "T0.jpg"
+        photo.parent.mkdir()
+        sample_portrait("astronaut", "sd").save(photo, quality=92)
+        result = client.analyze(photo, ["redness"])
+    assert isinstance(result, AnalysisResult)
+    result.save(tmp_path / "S01_T0")                      # as skinlab analyze writes it
+    assert (tmp_path / "S01_T0" / "resize_image.jpg").exists()
+    assert any(p.name.endswith("_output.png") for p in (tmp_path / "S01_T0").iterdir())
+    Ledger(tmp_path / "study.sqlite").close()          # a ledger with another name, and its results/
+    (tmp_path / "results" / "000007").mkdir(parents=True)
+    (tmp_path / "results" / "000007" / "redness_output.png").write_bytes(b"x")
+    (tmp_path / "mine").mkdir()                          # a result.json that is not skinlab's
+    (tmp_path / "mine" / "result.json").write_text(json.dumps({"score": 3}))
+    (tmp_path / "mine" / "S02.jpg").write_bytes(b"x")
+    (tmp_path / "elsewhere").mkdir()                     # a folder excluded by name (the CLI's ledger results)
+    (tmp_path / "elsewhere" / "x.jpg").write_bytes(b"x")
+
+    scan = scan_folder(tmp_path, recursive=True, exclude=[tmp_path / "elsewhere"])
+    assert [p.relative_to(tmp_path).as_posix() for p in scan.files] == ["S01/T0.jpg", "mine/S02.jpg"]
+    assert [p.name for p in scan.results] == ["S01_T0", "elsewhere", "results"]
+    assert scan.skipped_line(tmp_path) == (
+        f"Skipped 3 skinlab result folder(s) in {str(tmp_path)!r} (S01_T0, elsewhere, results): skinlab's own "
+        "output (result.json, masks, resize_image.jpg, a ledger's results directory), not photos.")
+    assert collect_images(tmp_path, recursive=True, exclude=[tmp_path / "elsewhere"]) == scan.files
+    # not recursive: a result folder is not named as a subfolder holding photos
+    assert [p.name for p in scan_folder(tmp_path).subfolders] == ["S01", "elsewhere", "mine"]
+    # a result folder given as the folder: its images are not photos, and the error says so
+    with pytest.raises(errors.InvalidParametersError, match="it is a skinlab result folder"):
+        collect_images(tmp_path / "S01_T0")
+
+
+def test_summary_hides_credentials_in_the_base_url():
+    from skinlab._net import redact_url
+    from skinlab.batch import BatchItem, BatchReport
+
+    url = "http://me:secret@127.0.0.1:8799"
+    assert redact_url(url) == "http://127.0.0.1:8799"
+    assert redact_url("https://example.com/v2") == "https://example.com/v2"
+    for dry in (False, True):
+        report = BatchReport(items=[BatchItem(0, "a.jpg", outcome="done")], backend="local", base_url=url,
+                             dry_run=dry)
+        summary = report.summary()
+        assert "secret" not in summary and "me:" not in summary
+        assert "on the LOCAL backend (http://127.0.0.1:8799)" in summary, summary
+
+
+def test_dry_run_says_a_pre_flight_failure_fails_as_the_run_records_it(cohort, tmp_path):
+    """A greyscale photo with a colour concern: the run records it failed, and the dry run said so
+    (it used to list it as a skip, a word the run then did not use)."""
+    grey = tmp_path / "grey.jpg"
+    Image.open(cohort / "astronaut_t0.jpg").convert("L").save(grey)
+    photos = [grey, cohort / "hopper_t0.jpg"]
+    with skinlab.local.serve(task_duration_s=0) as server, _client(server) as client:
+        ledger = Ledger(tmp_path / "l.sqlite")
+        plan = analyze_many(photos, "redness", ledger=ledger, client=client, dry_run=True, progress=False)
+        summary = plan.summary()
+        assert "would submit 1 image(s), reuse 0 recorded, fail 1 (pre-flight problems: the " \
+               "run records them as failed, nothing billed)" in summary, summary
+        assert "  - grey.jpg: would fail: 'grey.jpg' is a greyscale photo" in summary, summary
+        report = analyze_many(photos, "redness", ledger=ledger, client=client, progress=False)
+        assert [i.outcome for i in report.items] == ["failed", "done"], report.summary()

@@ -448,3 +448,225 @@ def test_a_dry_run_creates_no_ledger_and_no_folder(tmp_path, capsys, portraits, 
     assert f"note: {str(ledger)!r} does not exist yet, so nothing is recorded; the dry run does not create it." in out
     assert "would submit 1 image(s)" in out
     assert not (tmp_path / "new").exists()
+
+
+# ---------------------------------------------------------------------------- 10. skinlab's own output in a folder
+
+
+def test_recursive_folder_scan_skips_skinlab_own_result_folders(tmp_path, capsys, portraits, no_key):
+    """FOLDER --recursive with the ledger, its results/ and the per-photo result folders inside it: the
+    masks and resize_image.jpg there are skinlab's output, not faces, and are not planned again."""
+    study = tmp_path / "study"
+    _photo(study / "S01", portraits, "T0.jpg")
+    _photo(study / "S02", portraits, "T0.jpg", which="grace_hopper")
+    ledger = study / "ledger.sqlite"
+    base = ["analyze", str(study), "--recursive", "--actions", "redness", "--ledger", str(ledger)]
+    assert main(base) == 0, capsys.readouterr().out
+    capsys.readouterr()
+    # what the first run wrote inside the folder: per-photo folders and the ledger's results/
+    written = sorted(p.relative_to(study).as_posix() for p in study.rglob("*.*")
+                     if p.suffix in (".jpg", ".png") and p.parent.name not in ("S01", "S02"))
+    assert any(w.startswith("S01_T0/") and w.endswith("_output.png") for w in written), written
+    assert any(w.startswith("S01_T0/") and w.endswith("resize_image.jpg") for w in written), written
+    assert (study / "S01_T0" / "result.json").exists() and (study / "results").is_dir()
+    assert main(base + ["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would submit 0 image(s), reuse 2 recorded" in out, out
+    note = next(ln for ln in out.splitlines() if ln.startswith("note: Skipped") and "result folder" in ln)
+    assert note.startswith(f"note: Skipped 3 skinlab result folder(s) in {str(study)!r} (S01_T0, S02_T0, "
+                           "results): skinlab's own output"), note
+    assert "resize_image" not in out.split(note)[1] and "_output.png" not in out.split(note)[1]
+
+
+# ---------------------------------------------------------------------------- 11. credentials in --base-url
+
+
+def test_credentials_in_the_base_url_are_never_printed(tmp_path, capsys, portraits, local_server, no_key):
+    photo = _photo(tmp_path, portraits)
+    url = local_server.url.replace("http://", "http://me:secret@")
+    hidden = local_server.url  # the credentials are dropped from the URL shown
+    for extra in (["--dry-run"], []):
+        code = main(["analyze", str(photo), "--actions", "redness", "--base-url", url, "--out",
+                     str(tmp_path / "out"), *extra])
+        captured = capsys.readouterr()
+        assert code == 0, captured.out
+        assert "secret" not in captured.out + captured.err and "me:" not in captured.out
+        assert _banner(captured.out).startswith(f"Backend: LOCAL engine at {hidden} (")
+        assert f"on the LOCAL backend ({hidden})" in captured.out, captured.out
+
+
+def test_every_line_the_command_writes_hides_url_credentials(capsys):
+    from skinlab.cli import _print
+
+    _print("error: cannot reach https://user:p%40ss@example.com/v2 (and http://a@b:1); user@example.com stays")
+    assert capsys.readouterr().out == ("error: cannot reach https://***@example.com/v2 (and http://***@b:1); "
+                                       "user@example.com stays\n")
+
+
+# ---------------------------------------------------------------------------- 12. a dry run's scratch ledger
+
+
+def test_a_dry_run_names_the_intended_ledger_not_its_scratch_one(tmp_path, capsys, portraits, no_key):
+    photo = _photo(tmp_path, portraits)
+    ledger = tmp_path / "new" / "ledger.sqlite"
+    assert main(["analyze", str(photo), "--actions", "redness", "--dry-run", "--ledger", str(ledger)]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().splitlines()[-1] == f"  ledger: {ledger} (does not exist yet; the dry run did not create it)"
+    assert "skinlab-dry-run-" not in out
+    assert not (tmp_path / "new").exists()
+
+
+# ---------------------------------------------------------------------------- 13. one file given twice
+
+
+def test_a_photo_given_twice_is_analysed_once(tmp_path, capsys, portraits, no_key, monkeypatch):
+    dup = tmp_path / "dup"
+    _photo(dup, portraits, "S01_T0.jpg")
+    _photo(dup, portraits, "S02_T0.jpg", which="grace_hopper")
+    monkeypatch.chdir(tmp_path)
+    out_dir = tmp_path / "out"
+    code = main(["analyze", "dup/", "dup/S02_T0.jpg", str(dup / "S01_T0.jpg"), "--actions", "redness", "--out",
+                 str(out_dir)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "note: Skipped 2 photo(s) given more than once (dup/S02_T0.jpg, " in out, out
+    assert out.count("== S02_T0.jpg:") == 1 and out.count("== S01_T0.jpg:") == 1, out
+    assert "done 2, reused 0" in out
+    assert sorted(p.name for p in out_dir.iterdir() if p.is_dir() and p.name.startswith("S0")) == ["S01_T0", "S02_T0"]
+
+
+# ---------------------------------------------------------------------------- 14. analysed again, said once
+
+
+from test_batch import ABANDON_CHILD as _ABANDON  # noqa: E402 - one child script for both files
+
+
+@posix_only
+def test_the_rerun_after_a_stop_says_why_it_analysed_again_once(tmp_path, capsys, portraits, no_key):
+    photos = [_photo(tmp_path / "photos", portraits, "S01_T0.jpg"),
+              _photo(tmp_path / "photos", portraits, "S02_T0.jpg", which="grace_hopper")]
+    ledger = tmp_path / "study" / "ledger.sqlite"
+    child = subprocess.run([sys.executable, "-c", _ABANDON, str(ledger), *map(str, photos)], capture_output=True,
+                           text=True, env=_env(), timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    code = main(["analyze", str(tmp_path / "photos"), "--actions", "redness", "--ledger", str(ledger)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    summary = next(ln for ln in out.splitlines() if ln.startswith("  analysed again 2: "))
+    why = summary.removeprefix("  analysed again 2: ")
+    assert why.startswith("its task was in another local emulator"), summary
+    assert out.count(why) == 1, out  # once, in the summary
+    assert out.count("\n   analysed again (local, free): why is in the summary below\n") == 2, out
+
+
+# ---------------------------------------------------------------------------- 15. one word for an outcome
+
+
+def test_interrupted_photos_are_not_started_in_their_lines_and_the_summary(tmp_path, capsys, monkeypatch, portraits,
+                                                                           no_key):
+    _interrupt_waits(monkeypatch, 1)
+    for i in range(3):
+        _photo(tmp_path / "photos", portraits, f"S0{i}_T0.jpg", which=("astronaut", "grace_hopper")[i % 2])
+    code = main(["analyze", str(tmp_path / "photos"), "--actions", "redness", "--workers", "1", "--out",
+                 str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 130, out
+    lines = [ln for ln in out.splitlines() if ln.startswith("== ")]
+    not_started = [ln for ln in lines if ln.endswith(": not started (interrupted)")]
+    assert not_started and not any(ln.endswith(": interrupted") for ln in lines), out
+    assert f", not started {len(not_started)}" in out, out
+
+
+def test_a_dry_run_says_a_greyscale_photo_will_fail_as_the_run_then_says(tmp_path, capsys, portraits, no_key):
+    grey = tmp_path / "grey.jpg"
+    with Image.open(_photo(tmp_path, portraits)) as img:
+        img.convert("L").save(grey)
+    base = ["analyze", str(grey), "--actions", "redness", "--out", str(tmp_path / "out")]
+    assert main(base + ["--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "recorded, fail 1 (pre-flight problems: the run records them as failed" in plan, plan
+    assert "  - grey.jpg: would fail: 'grey.jpg' is a greyscale photo" in plan, plan
+    assert main(base) == 1
+    run = capsys.readouterr().out
+    assert "== grey.jpg: failed" in run and "failed 1" in run, run
+
+
+# ---------------------------------------------------------------------------- 16. BrokenPipeError, narrowly
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_not_hidden(monkeypatch):
+    """A BrokenPipeError from elsewhere (a socket, a child's pipe) is not a closed stdout: main does
+    not swallow it as exit 141."""
+    import skinlab.cli as cli
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe (a socket)")
+
+    monkeypatch.setattr(cli, "_cmd_actions", broken)
+    with pytest.raises(BrokenPipeError, match="a socket"):
+        main(["actions"])
+
+
+class _ClosedPipeWithFd(_ClosedPipe):
+    """A closed stdout with a file descriptor (a stand-in for fd 1, here a file of the test's)."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def fileno(self):
+        return self.fd
+
+
+@posix_only
+def test_a_broken_pipe_raised_outside_the_commands_lines_is_still_told_by_stdout(monkeypatch):
+    """Raised by a write that is not one of the command's own lines, while stdout's reader has gone
+    (the failed write dropped what it held, so stdout flushes fine): its descriptor tells."""
+    import skinlab.cli as cli
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+
+    class Stdout:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return write_end
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_cmd_actions", broken)
+    monkeypatch.setattr(sys, "stdout", Stdout())
+    try:
+        assert main(["actions"]) == 141
+    finally:
+        os.close(write_end)
+
+
+def test_main_called_from_python_leaves_the_callers_fd_alone(tmp_path, monkeypatch):
+    with open(tmp_path / "stdout.txt", "wb") as fh:
+        before = os.fstat(fh.fileno())
+        monkeypatch.setattr(sys, "stdout", _ClosedPipeWithFd(fh.fileno()))
+        assert main(["actions"]) == 141
+        after = os.fstat(fh.fileno())
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)  # not pointed at /dev/null
+
+
+# ---------------------------------------------------------------------------- 17. the SIGINT handler
+
+
+@pytest.mark.parametrize("extra", [["--dry-run"], ["--tags", "t.csv", "--pattern", "{subject}.jpg"]])
+def test_main_as_the_program_puts_the_sigint_handler_back(tmp_path, capsys, monkeypatch, portraits, no_key, extra):
+    photo = _photo(tmp_path, portraits)
+    monkeypatch.setattr(sys, "argv", ["skinlab", "analyze", str(photo), "--actions", "redness", "--out",
+                                      str(tmp_path / "out"), *extra])
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        main()  # argv None: as the skinlab script calls it
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -445,3 +445,13 @@ def test_a_429_names_the_limit_of_whoever_answered():
     assert isinstance(cloud, errors.RateLimitError) and isinstance(local, errors.RateLimitError)
     assert "the service allows 250 requests per 300 s per key" in str(cloud)
     assert "this local emulator limits requests" in str(local) and "--rate-limit" in str(local)
+
+
+def test_credentials_in_the_base_url_stay_out_of_the_repr_and_messages(monkeypatch):
+    monkeypatch.delenv("SKINLAB_API_KEY", raising=False)
+    monkeypatch.delenv("YOUCAM_API_KEY", raising=False)
+    client = Client(base_url="http://me:url-secret@127.0.0.1:9")
+    assert "url-secret" not in repr(client) and "127.0.0.1:9" in repr(client)
+    with pytest.raises(errors.ConfigurationError) as info:
+        Client(base_url="https://me:url-secret@skin.example")
+    assert "url-secret" not in str(info.value) and "skin.example" in str(info.value)

@@ -18,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path, PureWindowsPath
 from typing import Any, Callable, Iterable, Sequence
 
+from .._net import redact_url
 from ..actions import (CATALOGUE, COLOUR_CONCERNS, CONCERNS, estimate_units, resolve_actions,
                        validate_actions)
 from ..errors import ImageError, InvalidParametersError, SkinlabError
@@ -127,9 +128,9 @@ def backend_summary(client) -> str:
         from ..client import has_api_key
 
         why = "chosen for this form; your API key is not used" if has_api_key() else "no API key set"
-        return (f"Backend: LOCAL, skinlab's embedded engine at {client.base_url} ({why}). Its scores are "
+        return (f"Backend: LOCAL, skinlab's embedded engine at {redact_url(client.base_url)} ({why}). Its scores are "
                 "measurements of the pixels, not YouCam scores, and not clinically validated.")
-    return (f"Backend: YouCam CLOUD at {client.base_url} ({getattr(client, 'api_version', '')}). Successful "
+    return (f"Backend: YouCam CLOUD at {redact_url(client.base_url)} ({getattr(client, 'api_version', '')}). Successful "
             "tasks are billed in units.")
 
 
