@@ -651,8 +651,17 @@ def _serve_config(args):
 
     settings: dict = dict(initial_units=args.units, strict=args.strict, allow_remote_bind=args.allow_remote,
                           upload_headers_as_list=args.upload_headers_as_list, seed=args.seed)
-    if args.api_key:
-        settings["api_keys"] = list(args.api_key)
+    keys = list(args.api_key or [])
+    if getattr(args, "api_keys_from", None):
+        raw = os.environ.get(args.api_keys_from)
+        if raw is None:
+            error(f"--api-keys-from {args.api_keys_from}: that environment variable is not set; set it to the "
+                  "comma-separated keys to accept")
+        keys += [k.strip() for k in raw.split(",") if k.strip()]
+        if not keys:
+            error(f"--api-keys-from {args.api_keys_from}: the variable holds no key")
+    if keys:
+        settings["api_keys"] = keys
     model = args.latency_model
     if model is not None and args.task_duration is not None:
         error("give --task-duration (a fixed duration) or --latency-model (drawn durations), not both")
@@ -844,7 +853,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, help="seed the latency model and the ids, for repeatable runs")
     s.add_argument("--units", type=int, default=1000, help="starting unit balance")
     s.add_argument("--strict", action="store_true", help="the documented 0.60 face width and 4096 px limit")
-    s.add_argument("--api-key", action="append", help="accept only this key (repeatable)")
+    s.add_argument("--api-key", action="append", help="accept only this key (repeatable; visible to other users "
+                                                      "in the process list: prefer --api-keys-from)")
+    s.add_argument("--api-keys-from", metavar="VARIABLE",
+                   help="accept only the keys in this environment variable (comma-separated), e.g. "
+                        "--api-keys-from SKINLAB_SERVE_KEYS, so they stay out of the process list")
     s.add_argument("--allow-remote", action="store_true", help="allow binding a non-loopback address")
     s.add_argument("--rate-limit", type=_rate_limit_arg, metavar="N/SECONDS",
                    help="requests allowed per key and per client address in a sliding window: N/SECONDS, "

@@ -632,3 +632,20 @@ def test_serve_options_refuse_bad_values(argv, says, capsys):
     assert "skinlab serve: error:" in err and says in err, err
     if argv[0] == "--fault":
         assert "Accepted forms: 429[:ROUTE][:N]" in err and "invalid-task-id[:poll|delete|*][:N]" in err
+
+
+def test_serve_reads_its_keys_from_an_environment_variable(monkeypatch, capsys):
+    """Keys on the command line are visible to every user in the process list; --api-keys-from
+    names a variable instead, and a missing or empty one is a clear usage error."""
+    monkeypatch.setenv("SKINLAB_SERVE_KEYS", " k-one, k-two ,")
+    cfg = serve_config("--api-keys-from", "SKINLAB_SERVE_KEYS", "--api-key", "k-zero")
+    assert sorted(cfg.api_keys) == ["k-one", "k-two", "k-zero"]
+    monkeypatch.delenv("SKINLAB_SERVE_KEYS")
+    with pytest.raises(SystemExit) as info:
+        serve_config("--api-keys-from", "SKINLAB_SERVE_KEYS")
+    assert info.value.code == 2
+    assert "--api-keys-from SKINLAB_SERVE_KEYS: that environment variable is not set" in capsys.readouterr().err
+    monkeypatch.setenv("SKINLAB_SERVE_KEYS", " , ")
+    with pytest.raises(SystemExit):
+        serve_config("--api-keys-from", "SKINLAB_SERVE_KEYS")
+    assert "the variable holds no key" in capsys.readouterr().err
