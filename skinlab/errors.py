@@ -234,7 +234,8 @@ class TaskError(SkinlabError):
 
 
 class NoFaceError(TaskError):
-    hint = "Use a frontal photo with one clearly visible face."
+    hint = ("Use a frontal photo with one clearly visible face; a photo turned sideways or upside down (its EXIF "
+            "orientation lost) may show none: rotate it upright first.")
 
 
 class FaceTooSmallError(TaskError):

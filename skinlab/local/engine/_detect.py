@@ -283,7 +283,24 @@ def _check_landmarks(rgb: np.ndarray, cfg: GateConfig, lm) -> FaceCheck:
     details: dict = {"image_height": H, "image_width": W, "n_faces": len(found),
                      "face_backend": backend_name(), "head_angle_checked": False}
     if not found:
-        return FaceCheck("error_no_face", [], None, details)
+        # the landmarker rarely finds a face upside down: a photo that lost its EXIF orientation
+        # would read as "no face". If the photo turned by 180 degrees holds one, it is a face with
+        # a roll of 180 degrees (check 11), reported in this photo's own coordinates.
+        turned = lm.detect(np.ascontiguousarray(rgb[::-1, ::-1]))
+        if not turned:
+            return FaceCheck("error_no_face", [], None, details)
+        from dataclasses import replace
+
+        back = []
+        for f in turned:
+            P = f.points.copy()
+            P[:, 0], P[:, 1] = (W - 1) - P[:, 0], (H - 1) - P[:, 1]
+            back.append(replace(f, points=P, roll=(f.roll + 360.0) % 360.0 - 180.0 if f.roll >= 0 else f.roll + 180.0))
+        faces = [_face_from_landmarks(f) for f in back]
+        t, l_, b, r = back[0].bbox
+        details.update(n_faces=len(back), upside_down=True, upside_down_check="no face upright; one turned by 180",
+                       yaw_deg=back[0].yaw, pitch_deg=back[0].pitch, roll_deg=back[0].roll, head_angle_checked=True)
+        return FaceCheck("error_large_face_angle", faces, (r - l_) / W, details)
     faces = [_face_from_landmarks(f) for f in found]
     fl = found[0]
     t, l_, b, r = fl.bbox
