@@ -572,12 +572,20 @@ class Client:
                 "environment variable. To work offline without a key, use the embedded local backend: "
                 "skinlab.Client.local(), or run `skinlab serve` and pass base_url=.")
         base = (base_url or DEFAULT_BASE_URL).rstrip("/")
-        scheme = urlsplit(base).scheme
+        parts = urlsplit(base)
+        scheme = parts.scheme
         if scheme not in ("http", "https"):
-            raise ConfigurationError(f"base_url must start with https:// (or http:// for a local server), got {base!r}")
-        if scheme == "http" and not _is_loopback(base) and not allow_insecure_http:
+            raise ConfigurationError(f"base_url must start with https:// (or http:// for a local server), got "
+                                     f"{redact_url(base)!r}")
+        if parts.query or parts.fragment:  # paths are appended to it: a query would end up inside them
             raise ConfigurationError(
-                f"Refusing to send an API key over plain http to {urlsplit(base).hostname}; use https, or pass "
+                f"base_url must be the service's address without a query or fragment (…?{'…' if parts.query else ''}"
+                f"{'#…' if parts.fragment else ''} found); give e.g. {redact_url(base)!r}. Keys go in api_key= or "
+                "SKINLAB_API_KEY, never in the URL.")
+        if scheme == "http" and not _is_loopback(base) and not allow_insecure_http:
+            what = "an API key and face photos" if key is not None else "face photos and results"
+            raise ConfigurationError(
+                f"Refusing to send {what} over plain http to {parts.hostname}; use https, or pass "
                 "allow_insecure_http=True if you really mean it.")
         if key is None:
             if not _is_loopback(base):

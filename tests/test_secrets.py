@@ -262,8 +262,8 @@ def test_authorization_header_hidden_from_tracebacks_with_locals():
 @pytest.mark.parametrize("url", ["http://yce-api-01.makeupar.com", "http://192.168.1.20:8765", "http://10.0.0.5",
                                  "http://127.0.0.1.example.com", "http://localhost.example.com:80"])
 def test_plain_http_to_other_hosts_refused_unless_allowed(url):
-    with pytest.raises(errors.ConfigurationError, match=r"Refusing to send an API key over plain http.*https.*"
-                                                        r"allow_insecure_http=True"):
+    with pytest.raises(errors.ConfigurationError, match=r"Refusing to send an API key and face photos over plain "
+                                                        r"http.*https.*allow_insecure_http=True"):
         Client(KEY, base_url=url)
     with pytest.raises(errors.ConfigurationError, match="plain http"):
         connect(KEY, base_url=url)
@@ -335,3 +335,15 @@ def test_the_emulator_config_never_shows_the_webhook_secret():
     config = ServerConfig(webhook_url="http://127.0.0.1:9/hook", webhook_secret=secret)
     assert config.webhook_secret == secret
     assert secret not in repr(config) and "c2tpbmxhYi13" not in repr(config)
+
+
+def test_a_base_url_with_a_query_is_refused_and_not_echoed(monkeypatch):
+    """Paths are appended to base_url, so a query would land inside them; a token put there would
+    also be stored with the URL. It is refused, and the message does not repeat the query."""
+    monkeypatch.delenv("SKINLAB_API_KEY", raising=False)
+    monkeypatch.delenv("YOUCAM_API_KEY", raising=False)
+    with pytest.raises(errors.ConfigurationError, match=r"without a query or fragment") as info:
+        Client(base_url="http://127.0.0.1:8799/x?token=url-token-secret")
+    assert "url-token-secret" not in str(info.value)
+    with pytest.raises(errors.ConfigurationError, match=r"Refusing to send face photos and results over plain http"):
+        Client(base_url="http://example.invalid")  # no key to send: the message does not speak of one
