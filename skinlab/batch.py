@@ -269,6 +269,9 @@ class BatchItem:
     note : str or None
         For ``done``: why an image the ledger already had was analysed again (local only: another
         engine version, or its task lost with its emulator); for ``planned``, likewise.
+    collected_units : int or None
+        For ``reused``: the units of a task created before this run (e.g. by a run stopped with
+        Ctrl-C) that finished during it, billed then; None otherwise.
     """
 
     index: int
@@ -280,6 +283,7 @@ class BatchItem:
     error: str | None = None
     reason: str | None = None
     note: str | None = None
+    collected_units: int | None = None
 
     @property
     def ambiguous(self) -> bool:
@@ -361,6 +365,11 @@ class BatchReport:
                      + (f", left running {self.count('running')} (their tasks exist: ledger.resume(client) or the "
                         "next run collects them)" if self.count("running") else ""),
                      f"  units spent {self.units_spent}"]
+            collected = [i for i in self.items if i.collected_units is not None]
+            if collected:
+                lines.append(f"  finished during this run: {len(collected)} task(s) created earlier (e.g. by a run "
+                             f"stopped early), {sum(i.collected_units for i in collected)} units, billed when they "
+                             "finished and not in units spent")
             again = Counter(i.note for i in self.items if i.outcome == "done" and i.note)
             for why, n in sorted(again.items()):
                 lines.append(f"  analysed again {n}: {why}")
@@ -532,6 +541,7 @@ def _creates_task(ledger, client, src, names, force, options) -> bool:
 def _run(report: BatchReport, sources, names, ledger, client, tags, force, options, *, max_workers, max_units,
          timeout, progress, on_update, stop) -> None:
     t0 = time.monotonic()
+    started_at = time.time()  # the ledger's clock: rows created before it and finished after it
     log.info("skinlab batch: %d image(s) on the %s backend (%s), %d at a time%s", len(sources),
              client.backend.upper(), redact_url(client.base_url), max(1, max_workers),
              f", max_units={max_units}" if max_units is not None else "")
@@ -653,6 +663,10 @@ def _run(report: BatchReport, sources, names, ledger, client, tags, force, optio
             item.outcome = "reused" if sub.reused else "done"
             item.units = 0 if sub.reused else (sub.units_charged or 0)
             item.note = None if sub.reused else sub.rerun
+            row = sub.row or {}
+            if sub.reused and (row.get("created_at") or started_at) < started_at <= (row.get("completed_at") or 0):
+                # a task created earlier (say, by a run stopped with Ctrl-C) that finished during this run
+                item.collected_units = sub.units_charged or 0
         elif halt.is_set() and (sub.error_code == "interrupted" or (
                 sub.reused and sub.status in ("running", "timeout", "queued", "uploading"))):
             # Ctrl-C before its task was created (nothing billed), or while waiting for another's

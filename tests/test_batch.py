@@ -681,3 +681,24 @@ def test_dry_run_says_a_pre_flight_failure_fails_as_the_run_records_it(cohort, t
         assert "  - grey.jpg: would fail: 'grey.jpg' is a greyscale photo" in summary, summary
         report = analyze_many(photos, "redness", ledger=ledger, client=client, progress=False)
         assert [i.outcome for i in report.items] == ["failed", "done"], report.summary()
+
+
+def test_tasks_left_running_by_an_earlier_run_are_reported_with_their_units(cohort, tmp_path):
+    """A run stopped early leaves tasks running (units 0 in its summary); the next run collects
+    them as reused. Their units, billed when they finished, used to appear in neither summary."""
+    photo = cohort / "hopper_t1.jpg"
+    with skinlab.local.serve(task_duration_s=0.6) as server, _client(server) as client:
+        ledger = Ledger(tmp_path / "l.sqlite")
+        first = ledger.submit(client, photo, ["redness"], wait=False)
+        assert first.status == "running"
+        report = analyze_many([photo, cohort / "hopper_t2.jpg"], "redness", ledger=ledger, client=client,
+                              progress=False)
+        items = {i.label: i for i in report.items}
+        assert items["hopper_t1.jpg"].outcome == "reused" and items["hopper_t1.jpg"].collected_units == 9
+        assert items["hopper_t2.jpg"].outcome == "done" and items["hopper_t2.jpg"].collected_units is None
+        summary = report.summary()
+        assert "units spent 9" in summary
+        assert "finished during this run: 1 task(s) created earlier (e.g. by a run stopped early), 9 units" in summary
+        again = analyze_many([photo], "redness", ledger=ledger, client=client, progress=False)
+        assert again.items[0].collected_units is None and "finished during this run" not in again.summary()
+        ledger.close()
