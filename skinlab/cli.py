@@ -283,6 +283,7 @@ def _cmd_analyze(args) -> int:
     own_output = [ledger_path.expanduser().absolute().parent / "results"]
     photos: list = []
     stems: dict[Path, str] = {}  # photos found in subfolders (--recursive): result folders named by path
+    shown: dict[Path, str] = {}  # and their names in the per-photo headers (S01/T0.jpg)
     for p in args.photos:
         if not Path(p).is_dir():
             photos.append(Path(p))
@@ -306,8 +307,20 @@ def _cmd_analyze(args) -> int:
             rel = f.relative_to(p)
             if len(rel.parts) > 1:
                 stems[f] = "_".join(rel.with_suffix("").parts)
+                shown[f] = rel.as_posix()
         photos.extend(found)
     photos = _unique_photos(photos)
+    # photos of one name from different folders (a/face.jpg, b/face.jpg): their result folders and
+    # headers name the folder too, so they do not depend on the order the photos were given in
+    by_stem: dict[str, list] = {}
+    for ph in photos:
+        if isinstance(ph, Path) and ph not in stems:
+            by_stem.setdefault(ph.stem.lower(), []).append(ph)
+    for same in by_stem.values():
+        if len(same) > 1:
+            for ph in same:
+                stems[ph] = f"{ph.parent.name or 'photo'}_{ph.stem}"
+                shown[ph] = f"{ph.parent.name}/{ph.name}" if ph.parent.name else ph.name
     tmp = scratch = None
     if args.sample:
         from .samples import save_sample
@@ -391,7 +404,7 @@ def _cmd_analyze(args) -> int:
             # each photo's block names the reason only when the run has several, so it is said once
             reasons = {item.note for item in report.items if item.outcome == "done" and item.note}
             for item, photo in zip(report.items, photos):
-                _print(f"\n== {item.label}: {_OUTCOME_WORDS.get(item.outcome, item.outcome)}")
+                _print(f"\n== {shown.get(photo, item.label)}: {_OUTCOME_WORDS.get(item.outcome, item.outcome)}")
                 if getattr(item, "note", None):     # e.g. analysed again with the current local engine
                     if item.outcome == "done" and len(reasons) == 1:
                         _print("   analysed again (local, free): why is in the summary below")

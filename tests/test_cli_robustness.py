@@ -2,6 +2,7 @@
 as the ledger, a busy port, a closed pipe, Ctrl-C, -v after the subcommand, WebP files in a folder,
 the API key banner, an output name of another format, and the advice after a stop."""
 
+import json
 import os
 import re
 import signal
@@ -670,3 +671,19 @@ def test_main_as_the_program_puts_the_sigint_handler_back(tmp_path, capsys, monk
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_photos_of_one_name_from_two_folders_keep_their_folders_in_any_order(tmp_path, capsys, portraits, no_key):
+    """a/face.jpg and b/face.jpg used to be written to face/ and face-2/ in the order given, so a
+    re-run in the other order swapped them, and both headers read "face.jpg"."""
+    a = _photo(tmp_path / "a", portraits, "face.jpg")
+    b = _photo(tmp_path / "b", portraits, "face.jpg", which="grace_hopper")
+    out = tmp_path / "out"
+    runs = []
+    for order in ([a, b], [b, a]):
+        assert main(["analyze", *map(str, order), "--actions", "redness", "--out", str(out)]) == 0
+        text = capsys.readouterr().out
+        assert "\n== a/face.jpg: " in text and "\n== b/face.jpg: " in text, text
+        assert sorted(p.name for p in out.iterdir() if p.is_dir() and p.name.endswith("face")) == ["a_face", "b_face"]
+        runs.append({d: json.loads((out / d / "result.json").read_text())["task_id"] for d in ("a_face", "b_face")})
+    assert runs[0] == runs[1] and runs[0]["a_face"] != runs[0]["b_face"]  # each folder keeps its photo's result
