@@ -272,6 +272,8 @@ class BatchItem:
     collected_units : int or None
         For ``reused``: the units of a task created before this run (e.g. by a run stopped with
         Ctrl-C) that finished during it, billed then; None otherwise.
+    tag_conflicts : tuple of str
+        For ``reused``: tags given that differ from the recorded ones (which were kept).
     """
 
     index: int
@@ -284,6 +286,7 @@ class BatchItem:
     reason: str | None = None
     note: str | None = None
     collected_units: int | None = None
+    tag_conflicts: tuple = ()
 
     @property
     def ambiguous(self) -> bool:
@@ -365,6 +368,12 @@ class BatchReport:
                      + (f", left running {self.count('running')} (their tasks exist: ledger.resume(client) or the "
                         "next run collects them)" if self.count("running") else ""),
                      f"  units spent {self.units_spent}"]
+            differ = [i for i in self.items if i.tag_conflicts]
+            if differ:
+                shown = "; ".join(f"{i.label} ({', '.join(i.tag_conflicts)})" for i in differ[:3])
+                lines.append(f"  tags differ from the recorded ones for {len(differ)} reused photo(s), which kept "
+                             f"the recorded tags: {shown}" + (" ..." if len(differ) > 3 else "")
+                             + " (the same bytes as a photo analysed before; ledger.tag(id, ...) changes them)")
             collected = [i for i in self.items if i.collected_units is not None]
             if collected:
                 lines.append(f"  finished during this run: {len(collected)} task(s) created earlier (e.g. by a run "
@@ -663,6 +672,8 @@ def _run(report: BatchReport, sources, names, ledger, client, tags, force, optio
             item.outcome = "reused" if sub.reused else "done"
             item.units = 0 if sub.reused else (sub.units_charged or 0)
             item.note = None if sub.reused else sub.rerun
+            if getattr(sub, "tag_conflicts", ()):
+                item.tag_conflicts = tuple(sub.tag_conflicts)
             row = sub.row or {}
             if sub.reused and (row.get("created_at") or started_at) < started_at <= (row.get("completed_at") or 0):
                 # a task created earlier (say, by a run stopped with Ctrl-C) that finished during this run

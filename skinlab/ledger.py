@@ -426,6 +426,12 @@ def _emulator_answers(base_url: str | None, timeout: float = 0.3) -> bool:
         return False
 
 
+def _with_conflicts(sub: "Submission", conflicts: Sequence[str]) -> "Submission":
+    from dataclasses import replace
+
+    return replace(sub, tag_conflicts=tuple(conflicts)) if conflicts else sub
+
+
 def _gone_with(row: Mapping[str, Any]) -> str:
     """How a local emulator that no longer answers went: with its process, or on its own."""
     parsed = _parse_owner(row.get("owner"))
@@ -699,6 +705,9 @@ class Submission:
         Why this call analysed again an image the ledger already had, when it did (local only:
         the recorded success came from another engine version, or the recorded task was lost
         with its local emulator); None otherwise.
+    tag_conflicts : tuple of str
+        On a reuse: the tags given that differ from the recorded ones, which were kept (also
+        warned about).
 
     In a notebook it displays as HTML: the row (status, backend, engine, tags, units, next step)
     and, for a success, the saved score table; never an image or the file's name or path.
@@ -725,6 +734,7 @@ class Submission:
     note: str = ""
     rerun: str | None = None
     _cached: Any = field(default=None, repr=False)
+    tag_conflicts: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -1350,8 +1360,8 @@ class Ledger:
             note = self._explain(decision, row)
             if decision == "reuse":
                 warnings.warn(note, LedgerReuseWarning, stacklevel=2)
-                self._merge_tags(row, fixed, free)
-                return self._submission(self._row(row["id"]), reused=True, note=note)
+                conflicts = self._merge_tags(row, fixed, free)
+                return _with_conflicts(self._submission(self._row(row["id"]), reused=True, note=note), conflicts)
             if decision == "attach":
                 warnings.warn(note, LedgerReuseWarning, stacklevel=2)
                 if wait:
@@ -1363,8 +1373,8 @@ class Ledger:
                         continue
                 # the same bytes submitted while its twin was in flight (two copies of one photo in a
                 # batch): its tags are merged, or a conflict warned about, as on a plain reuse
-                self._merge_tags(self._row(row["id"]), fixed, free)
-                return self._finish_call(row["id"], raise_on_error, reused=True, note=note)
+                conflicts = self._merge_tags(self._row(row["id"]), fixed, free)
+                return _with_conflicts(self._finish_call(row["id"], raise_on_error, reused=True, note=note), conflicts)
             if decision == "ambiguous":
                 warnings.warn(note, LedgerReuseWarning, stacklevel=2)
                 return self._submission(self._row(row["id"]), reused=True, note=note)
@@ -1566,8 +1576,10 @@ class Ledger:
             log.info("submission %s: %s", values["id"], _rerun_texts(*why)[0])
         return "new", values, why
 
-    def _merge_tags(self, row: Mapping[str, Any], fixed: Mapping[str, str | None], free: Mapping[str, str]) -> None:
-        """Fill tags missing on a reused row; warn (and keep the old ones) on a conflict."""
+    def _merge_tags(self, row: Mapping[str, Any], fixed: Mapping[str, str | None],
+                    free: Mapping[str, str]) -> list[str]:
+        """Fill tags missing on a reused row; warn (and keep the old ones) on a conflict, and return
+        the conflicts ("timepoint: 'T0' recorded, 'T1' given")."""
         updates, conflicts = {}, []
         for k, v in fixed.items():
             if v is None:
@@ -1591,6 +1603,7 @@ class Ledger:
             warnings.warn(f"Submission {row['id']} was reused but its tags differ ({'; '.join(conflicts)}); the "
                           f"recorded tags were kept. Change them with ledger.tag({row['id']}, ...).", UserWarning,
                           stacklevel=3)
+        return conflicts
 
     def _interrupt(self, sid: int) -> Submission:
         """Cancelled before the create call: nothing was sent to create a task, nothing billed."""
@@ -2299,6 +2312,8 @@ class Ledger:
         """One row per submission, one column per action and region (see the module docstring).
 
         ``value`` is ``"raw_score"`` or ``"ui_score"``; skin-type columns hold the category.
+        ``overall`` is the service's ``all`` score, the mean of the ui scores, whatever ``value``
+        is (the service gives no raw overall), and ``skin_age`` is in years.
         """
         import pandas as pd
 

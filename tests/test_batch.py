@@ -702,3 +702,28 @@ def test_tasks_left_running_by_an_earlier_run_are_reported_with_their_units(coho
         again = analyze_many([photo], "redness", ledger=ledger, client=client, progress=False)
         assert again.items[0].collected_units is None and "finished during this run" not in again.summary()
         ledger.close()
+
+
+
+def test_tags_that_differ_on_a_reused_photo_are_repeated_in_the_summary(cohort, tmp_path):
+    """Two copies of one photo under different names and tags: the second keeps the first's tags,
+    which a warning says amid the progress; the summary says it again, where it is read."""
+    import shutil
+    import warnings
+
+    folder = tmp_path / "dup"
+    folder.mkdir()
+    shutil.copy(cohort / "astronaut_t0.jpg", folder / "S01_T0.jpg")
+    shutil.copy(cohort / "astronaut_t0.jpg", folder / "S01_T1.jpg")
+    from skinlab.tags import FilenamePattern
+
+    with skinlab.local.serve(task_duration_s=0) as server, _client(server) as client:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = analyze_many(folder, "redness", ledger=tmp_path / "l.sqlite", client=client, progress=False,
+                                  max_workers=1, tags=FilenamePattern("{subject}_{timepoint}.jpg"))
+    items = {i.label: i for i in report.items}
+    assert items["S01_T1.jpg"].outcome == "reused"
+    assert items["S01_T1.jpg"].tag_conflicts == ("timepoint: 'T0' recorded, 'T1' given",)
+    assert ("tags differ from the recorded ones for 1 reused photo(s), which kept the recorded tags: "
+            "S01_T1.jpg (timepoint: 'T0' recorded, 'T1' given)") in report.summary()
