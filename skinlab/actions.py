@@ -32,6 +32,7 @@ __all__ = [
     "SKIN_TYPES",
     "UNIT_TIERS",
     "ValidatedActions",
+    "colour_actions",
     "estimate_units",
     "get_action",
     "resolve_actions",
@@ -323,6 +324,12 @@ def validate_actions(actions: str | Iterable[str]) -> ValidatedActions:
             "Use all hd_* names or none."
         )
     return ValidatedActions(names=tuple(names), tier=tiers.pop())
+
+
+def colour_actions(actions: Iterable[str]) -> list[str]:
+    """The action names among ``actions`` whose concern is measured from colour
+    (:data:`COLOUR_CONCERNS`), in their order; names not in the catalogue are left out."""
+    return [n for n in actions if n in CATALOGUE and CATALOGUE[n].concern in COLOUR_CONCERNS]
 
 
 def estimate_units(actions: Iterable[str]) -> int:

@@ -44,6 +44,10 @@ __all__ = ["BatchItem", "BatchReport", "FolderScan", "analyze_many", "collect_im
 log = logging.getLogger("skinlab")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+#: Image types the service does not take: a folder's files of these types are left out and
+#: listed in :attr:`FolderScan.others` (other files, e.g. notes or sheets, are skipped silently).
+OTHER_IMAGE_SUFFIXES = frozenset({".webp", ".gif", ".heic", ".heif", ".avif", ".tif", ".tiff", ".bmp", ".jp2",
+                                  ".jxl", ".dng"})
 #: Errors that concern the whole account or run, not one image: they stop the batch.
 FATAL = (errors.AuthenticationError, errors.InsufficientCreditsError, errors.ConfigurationError)
 #: How many times an image refused with HTTP 429 before any task existed is tried again.
@@ -118,6 +122,27 @@ class FolderScan:
     #: skinlab's own output folders, not searched: those holding a ``result.json`` written by skinlab
     #: (a per-photo result folder), and a ledger's ``results`` directory
     results: list[Path] = field(default_factory=list)
+    #: image files of types the service does not take (WebP, GIF, HEIC, TIFF, ...), left out
+    others: list[Path] = field(default_factory=list)
+
+    def photos(self, folder: Any) -> list[Path]:
+        """:attr:`files`, or an error saying why ``folder`` gave none."""
+        if self.files:
+            return self.files
+        why = f"No .jpg, .jpeg or .png files in {str(folder)!r}"
+        if self.results and self.results[0] == Path(folder):
+            why += (" to analyse: it is a skinlab result folder (it holds skinlab's result.json), whose "
+                    "images are skinlab's output, not photos. Give the folder of the original photos")
+        elif self.subfolders:
+            names = ", ".join(p.name for p in self.subfolders[:5]) + (", ..." if len(self.subfolders) > 5 else "")
+            why += (f"; its subfolder(s) {names} hold some, and the search is not recursive. "
+                    "Pass recursive=True to include subfolders")
+        elif self.skipped:
+            why += f" (only hidden or system files, skipped: {', '.join(p.name for p in self.skipped[:3])})"
+        elif self.results:
+            why += (f" outside skinlab's own result folders ({', '.join(p.name for p in self.results[:3])}), "
+                    "which are skipped: their images are skinlab's output, not photos")
+        raise errors.InvalidParametersError(why + ".")
 
     def skipped_line(self, folder: Any) -> str | None:
         """One line saying how many hidden or system files and skinlab result folders were skipped, or None."""
@@ -156,6 +181,7 @@ def scan_folder(folder: str | os.PathLike, *, recursive: bool = False,
     skipped: list[Path] = []
     subfolders: list[Path] = []
     results: list[Path] = []
+    others: list[Path] = []
     excluded = set()
     for e in exclude:
         try:
@@ -200,12 +226,14 @@ def scan_folder(folder: str | os.PathLike, *, recursive: bool = False,
                     subfolders.append(p)
             elif p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
                 files.append(p)
+            elif p.suffix.lower() in OTHER_IMAGE_SUFFIXES and p.is_file():
+                others.append(p)
 
     if skinlab_output(root):  # e.g. skinlab analyze out/S01_T0: its files are skinlab's output
         results.append(root)
     else:
         walk(root)
-    return FolderScan(files=files, skipped=skipped, subfolders=subfolders, results=results)
+    return FolderScan(files=files, skipped=skipped, subfolders=subfolders, results=results, others=others)
 
 
 def collect_images(images: Any, *, recursive: bool = False, exclude: Iterable[str | os.PathLike] = ()) -> list[Any]:
@@ -217,22 +245,7 @@ def collect_images(images: Any, *, recursive: bool = False, exclude: Iterable[st
         scan = scan_folder(images, recursive=recursive, exclude=exclude)
         if scan.skipped or scan.results:
             log.info("%s", scan.skipped_line(images))
-        if not scan.files:
-            why = f"No .jpg, .jpeg or .png files in {str(images)!r}"
-            if scan.results and scan.results[0] == Path(images):
-                why += (" to analyse: it is a skinlab result folder (it holds skinlab's result.json), whose "
-                        "images are skinlab's output, not photos. Give the folder of the original photos")
-            elif scan.subfolders:
-                names = ", ".join(p.name for p in scan.subfolders[:5]) + (", ..." if len(scan.subfolders) > 5 else "")
-                why += (f"; its subfolder(s) {names} hold some, and the search is not recursive. "
-                        "Pass recursive=True to include subfolders")
-            elif scan.skipped:
-                why += f" (only hidden or system files, skipped: {', '.join(p.name for p in scan.skipped[:3])})"
-            elif scan.results:
-                why += (f" outside skinlab's own result folders ({', '.join(p.name for p in scan.results[:3])}), "
-                        "which are skipped: their images are skinlab's output, not photos")
-            raise errors.InvalidParametersError(why + ".")
-        return scan.files
+        return scan.photos(images)
     if isinstance(images, (str, os.PathLike, bytes, bytearray)) or hasattr(images, "read") or hasattr(images, "mode"):
         return [images]
     return list(images)

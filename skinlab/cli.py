@@ -164,33 +164,6 @@ def _safe_stem(path: Path, used: set[str]) -> str:
     return name
 
 
-#: Image types the service does not take (it takes JPEG and PNG): a folder's files of these types
-#: are skipped, and the command says so (other files, e.g. notes or sheets, are skipped silently).
-_OTHER_IMAGE_SUFFIXES = frozenset({".webp", ".gif", ".heic", ".heif", ".avif", ".tif", ".tiff", ".bmp", ".jp2",
-                                   ".jxl", ".dng"})
-
-
-def _other_images(folder: Path, recursive: bool) -> list[Path]:
-    """The files of ``folder`` (and its subfolders when ``recursive``) of the image types in
-    :data:`_OTHER_IMAGE_SUFFIXES`, relative to it; hidden and system files left out, as the scan does."""
-    from .batch import SYSTEM_FILES
-
-    found: list[Path] = []
-
-    def walk(here: Path) -> None:
-        for p in sorted(here.iterdir()):
-            if p.name.startswith(".") or p.name.lower() in SYSTEM_FILES:
-                continue
-            if p.is_dir():
-                if recursive:
-                    walk(p)
-            elif p.suffix.lower() in _OTHER_IMAGE_SUFFIXES and p.is_file():
-                found.append(p.relative_to(folder))
-
-    walk(folder)
-    return found
-
-
 def _listed(paths: list[Path], limit: int = 3) -> str:
     return ", ".join(str(p) for p in paths[:limit]) + (", ..." if len(paths) > limit else "")
 
@@ -224,12 +197,9 @@ def _unique_photos(photos: list) -> list:
 def _key_variable() -> str | None:
     """The environment variable whose API key a client made without one sends (as
     :class:`~skinlab.client.Client` picks it), or None when neither holds a key."""
-    from .client import normalise_key
+    from .client import environment_key
 
-    for name in ("SKINLAB_API_KEY", "YOUCAM_API_KEY"):
-        if normalise_key(os.environ.get(name)):
-            return name
-    return None
+    return environment_key()[0]
 
 
 def _open_ledger(path: Path, *, given: bool):
@@ -261,7 +231,7 @@ def _open_ledger(path: Path, *, given: bool):
 
 def _cmd_analyze(args) -> int:
     from ._net import redact_url
-    from .batch import analyze_many, collect_images, scan_folder
+    from .batch import analyze_many, scan_folder
     from .client import connect
     from .ledger import sentences
     from .tags import tags_for
@@ -289,7 +259,7 @@ def _cmd_analyze(args) -> int:
             photos.append(Path(p))
             continue
         scan = scan_folder(p, recursive=args.recursive, exclude=own_output)
-        others = _other_images(Path(p), args.recursive)
+        others = [o.relative_to(p) for o in scan.others]
         if others and not scan.files and not scan.subfolders:
             _print(f"error: No .jpg, .jpeg or .png files in {str(p)!r}: its {len(others)} image file(s) are of "
                    f"other types ({_listed(others)}), which the service does not take. Convert them to JPEG or "
@@ -299,7 +269,7 @@ def _cmd_analyze(args) -> int:
             _print(f"note: Skipped {len(others)} file(s) in {str(p)!r} that are not JPEG or PNG "
                    f"({_listed(others)}): the service takes only JPEG and PNG; convert them to JPEG or PNG to "
                    "analyse them too.")
-        found = collect_images(p, recursive=args.recursive, exclude=own_output)
+        found = scan.photos(p)  # the files, or an error saying why there are none
         skipped = scan.skipped_line(p)
         if skipped:
             _print(f"note: {skipped}")

@@ -38,7 +38,8 @@ import requests
 
 from . import errors
 from ._net import is_loopback_url, redact_url
-from .actions import CATALOGUE, estimate_units, validate_actions, validate_format, validate_miniserver_args
+from .actions import (CATALOGUE, colour_actions, estimate_units, validate_actions, validate_format,
+                      validate_miniserver_args)
 from .errors import (
     APIError, AuthenticationError, ConfigurationError, InsufficientCreditsError,
     InvalidParametersError, InvalidTaskIdError, RateLimitError, ServerError,
@@ -565,7 +566,7 @@ class Client:
                  session: requests.Session | None = None, allow_insecure_http: bool = False) -> None:
         key = normalise_key(api_key)
         if key is None:
-            key = normalise_key(os.environ.get("SKINLAB_API_KEY")) or normalise_key(os.environ.get("YOUCAM_API_KEY"))
+            key = environment_key()[1]
         if key is None and base_url is None:
             raise ConfigurationError(
                 "No API key. Set one with skinlab.Client(api_key=...) or the SKINLAB_API_KEY (or YOUCAM_API_KEY) "
@@ -1137,11 +1138,9 @@ _FILE_ID = re.compile(r"^[A-Za-z0-9+/=_-]{16,}$")
 def _refuse_colour_on_greyscale(prepared, names) -> None:
     """A greyscale photo has no colour to measure: refuse the colour concerns before anything is
     sent (they would come back as normal-looking but meaningless scores)."""
-    from .actions import COLOUR_CONCERNS
-
     if not prepared.greyscale:
         return
-    colour = [n for n in names if CATALOGUE[n].concern in COLOUR_CONCERNS]
+    colour = colour_actions(names)
     if colour:
         label = repr(prepared.source_name) if prepared.source_name else "The photo"
         raise errors.ImageError(
@@ -1195,9 +1194,23 @@ def _shared_local_url() -> str:
         return _shared_server.url
 
 
+#: Where a client made without a key looks for one, in order.
+KEY_VARIABLES = ("SKINLAB_API_KEY", "YOUCAM_API_KEY")
+
+
+def environment_key() -> tuple[str | None, str | None]:
+    """``(variable, key)``: the first of :data:`KEY_VARIABLES` holding a key, cleaned by
+    :func:`normalise_key`; ``(None, None)`` when neither does."""
+    for name in KEY_VARIABLES:
+        key = normalise_key(os.environ.get(name))
+        if key:
+            return name, key
+    return None, None
+
+
 def has_api_key() -> bool:
     """True when ``SKINLAB_API_KEY`` or ``YOUCAM_API_KEY`` holds a key."""
-    return bool(normalise_key(os.environ.get("SKINLAB_API_KEY")) or normalise_key(os.environ.get("YOUCAM_API_KEY")))
+    return environment_key()[1] is not None
 
 
 def connect(api_key: str | None = None, *, base_url: str | None = None, local: bool | None = None,

@@ -218,7 +218,7 @@ def _wrap_note(note: str, inches: float, per_inch: float = 13.0) -> str:
 def _root_figure(ax):
     """The Figure an axes is drawn in, through any SubFigure (which has no size and cannot save)."""
     fig = ax.figure
-    while not hasattr(fig, "savefig") or type(fig).__name__ == "SubFigure":
+    while not hasattr(fig, "savefig"):  # a SubFigure has no savefig; its .figure is the parent
         fig = fig.figure
     return fig
 

@@ -2,6 +2,7 @@
 as the ledger, a busy port, a closed pipe, Ctrl-C, -v after the subcommand, WebP files in a folder,
 the API key banner, an output name of another format, and the advice after a stop."""
 
+import contextlib
 import json
 import os
 import re
@@ -193,6 +194,17 @@ def slow_polls():
         yield srv
 
 
+@contextlib.contextmanager
+def _killed_at_the_end(proc: subprocess.Popen):
+    """``proc``, killed (and reaped) on the way out if it is still running."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _analysis_under_way(tmp_path, portraits, srv) -> subprocess.Popen:
     photo = _photo(tmp_path, portraits)
     proc = subprocess.Popen(_cli("analyze", str(photo), "--actions", "redness", "--base-url", srv.url, "--out",
@@ -219,14 +231,9 @@ def _read_until(stream, start: str) -> str:
 
 @posix_only
 def test_ctrl_c_once_analysis_is_under_way_exits_130(tmp_path, portraits, slow_polls):
-    proc = _analysis_under_way(tmp_path, portraits, slow_polls)
-    try:
+    with _killed_at_the_end(_analysis_under_way(tmp_path, portraits, slow_polls)) as proc:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 130, out + err
     assert "  stopped early: interrupted (Ctrl-C)" in out and "left running 1" in out
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
@@ -234,8 +241,7 @@ def test_ctrl_c_once_analysis_is_under_way_exits_130(tmp_path, portraits, slow_p
 
 @posix_only
 def test_ctrl_c_again_during_the_clean_stop_exits_130_without_traceback(tmp_path, portraits, slow_polls):
-    proc = _analysis_under_way(tmp_path, portraits, slow_polls)
-    try:
+    with _killed_at_the_end(_analysis_under_way(tmp_path, portraits, slow_polls)) as proc:
         proc.send_signal(signal.SIGINT)
         time.sleep(0.3)
         proc.send_signal(signal.SIGINT)  # cuts the batch's wait short: the summary comes at once
@@ -247,10 +253,6 @@ def test_ctrl_c_again_during_the_clean_stop_exits_130_without_traceback(tmp_path
                                         "Ctrl-C again to quit now.")
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     err = said + err
     assert proc.returncode == 130, summary + out + err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err and "Exception ignored" not in err, err

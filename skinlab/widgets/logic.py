@@ -19,8 +19,7 @@ from pathlib import Path, PureWindowsPath
 from typing import Any, Callable, Iterable, Sequence
 
 from .._net import redact_url
-from ..actions import (CATALOGUE, COLOUR_CONCERNS, CONCERNS, estimate_units, resolve_actions,
-                       validate_actions)
+from ..actions import CATALOGUE, CONCERNS, colour_actions, estimate_units, resolve_actions, validate_actions
 from ..errors import ImageError, InvalidParametersError, SkinlabError
 
 __all__ = [
@@ -424,7 +423,7 @@ def resolve_action_input(actions) -> list[str]:
 def colour_conflict(item: ImageItem, names: Iterable[str]) -> ImageItem | None:
     """``item`` as a rejected copy when it is greyscale and ``names`` hold colour concerns (the
     submission would refuse it), else None."""
-    colour = [CATALOGUE[n].label for n in names if n in CATALOGUE and CATALOGUE[n].concern in COLOUR_CONCERNS]
+    colour = [CATALOGUE[n].label for n in colour_actions(names)]
     if not (item.greyscale and item.ok and colour):
         return None
     return replace(item, ok=False, message=(

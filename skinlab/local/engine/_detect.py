@@ -249,6 +249,17 @@ def _landmark_face_facts(rgb: np.ndarray, P: np.ndarray) -> dict:
 UPSIDE_DOWN_MARGIN = 4.0
 
 
+def _detect_turned(rgb: np.ndarray, lm):
+    """The photo turned by 180 degrees, and the faces the landmarker finds in it."""
+    turned = np.ascontiguousarray(rgb[::-1, ::-1])
+    return turned, lm.detect(turned)
+
+
+def _turned_roll(roll: float) -> float:
+    """A roll measured on a photo, as on the photo turned by 180 degrees (within +-180)."""
+    return roll - 180.0 if roll >= 0 else roll + 180.0
+
+
 def _upright_score(facts: dict) -> float:
     return facts.get("lips_minus_cheek_a_star", 0.0) + facts.get("cheek_minus_brow_l_star", 0.0)
 
@@ -257,8 +268,7 @@ def _confirmed_upside_down(rgb: np.ndarray, facts: dict, lm, details: dict) -> b
     """The cues can be weak on an upright face (pale lips, sepia, faint brows): fit the mesh on the
     photo turned by 180 degrees as well, and keep the verdict only if that fit looks clearly more
     upright. One more landmark pass, only for photos the cues flag."""
-    turned = np.ascontiguousarray(rgb[::-1, ::-1])
-    found = lm.detect(turned)
+    turned, found = _detect_turned(rgb, lm)
     if not found:
         details["upside_down_check"] = "cues flagged it, but no face is found in the turned photo: taken as upright"
         return False
@@ -286,7 +296,7 @@ def _check_landmarks(rgb: np.ndarray, cfg: GateConfig, lm) -> FaceCheck:
         # the landmarker rarely finds a face upside down: a photo that lost its EXIF orientation
         # would read as "no face". If the photo turned by 180 degrees holds one, it is a face with
         # a roll of 180 degrees (check 11), reported in this photo's own coordinates.
-        turned = lm.detect(np.ascontiguousarray(rgb[::-1, ::-1]))
+        _, turned = _detect_turned(rgb, lm)
         if not turned:
             return FaceCheck("error_no_face", [], None, details)
         from dataclasses import replace
@@ -295,7 +305,7 @@ def _check_landmarks(rgb: np.ndarray, cfg: GateConfig, lm) -> FaceCheck:
         for f in turned:
             P = f.points.copy()
             P[:, 0], P[:, 1] = (W - 1) - P[:, 0], (H - 1) - P[:, 1]
-            back.append(replace(f, points=P, roll=(f.roll + 360.0) % 360.0 - 180.0 if f.roll >= 0 else f.roll + 180.0))
+            back.append(replace(f, points=P, roll=_turned_roll(f.roll)))
         faces = [_face_from_landmarks(f) for f in back]
         t, l_, b, r = back[0].bbox
         details.update(n_faces=len(back), upside_down=True, upside_down_check="no face upright; one turned by 180",
@@ -343,7 +353,7 @@ def _check_landmarks(rgb: np.ndarray, cfg: GateConfig, lm) -> FaceCheck:
     details.update({k: v for k, v in facts.items() if k != "skin_l"})
     details["upside_down"] = _looks_upside_down(facts) and _confirmed_upside_down(rgb, facts, lm, details)
     if details["upside_down"]:
-        roll = (roll + 360.0) % 360.0 - 180.0 if roll >= 0 else roll + 180.0
+        roll = _turned_roll(roll)
         details["roll_deg"] = roll
     if not (abs(fl.yaw) <= cfg.max_yaw_deg and abs(fl.pitch) <= cfg.max_pitch_deg
             and abs(roll) <= cfg.max_roll_deg):
