@@ -226,7 +226,7 @@ def _open_ledger(path: Path, *, given: bool):
         if isinstance(cause, (OSError, sqlite3.Error)):  # cannot open it at all: permissions, a full disk, ...
             return None, (f"error: cannot open {which} ({cause}). Check that its folder is writable, or give "
                           "--ledger another path."), 1
-        raise
+        return None, f"error: {exc}", 2  # e.g. another program's SQLite database, left untouched
 
 
 def _cmd_analyze(args) -> int:
@@ -636,6 +636,9 @@ def _serve_config(args):
                           upload_headers_as_list=args.upload_headers_as_list, seed=args.seed)
     keys = list(args.api_key or [])
     if getattr(args, "api_keys_from", None):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", args.api_keys_from):  # a key typed there: never echoed
+            error("--api-keys-from takes the name of an environment variable (letters, digits and _, e.g. "
+                  "SKINLAB_SERVE_KEYS), not a key; put the keys in that variable")
         raw = os.environ.get(args.api_keys_from)
         if raw is None:
             error(f"--api-keys-from {args.api_keys_from}: that environment variable is not set; set it to the "

@@ -891,6 +891,12 @@ class Ledger:
             # the schema need the write lock, which SQLite may refuse at once ("database is
             # locked") rather than wait for. Both are retried with backoff until ``timeout``.
             deadline = time.monotonic() + max(float(timeout), 1.0)
+            # another program's database: refused before WAL mode or the schema would change it
+            tables = self._when_unlocked(self._tables, deadline, "read its tables")
+            if tables and "schema_migrations" not in tables:
+                shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+                raise LedgerError(f"{str(self.path)!r} is not a skinlab ledger: it is another program's SQLite "
+                                  f"database (tables: {shown}). {fix}; that file is left untouched.")
             mode = self._when_unlocked(self._use_wal, deadline, "switch it to WAL mode")
             if str(mode).lower() != "wal":  # pragma: no cover - file systems without shared memory
                 warnings.warn(f"SQLite could not use WAL mode here (got {mode}); concurrent readers may wait.",
@@ -1055,6 +1061,9 @@ class Ledger:
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self._conn.execute(sql, tuple(params)).fetchall()
+
+    def _tables(self) -> list[str]:
+        return sorted(r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
 
     def _migrate(self) -> int:
         """Bring the file to the newest schema version of :data:`_MIGRATIONS`, in one transaction.
@@ -1346,6 +1355,7 @@ class Ledger:
             decision, row, why = self._claim(client, plan, meta, fixed, free, base_url, backend_key, dedup, force,
                                              reserve, lost)
             if decision == "new":
+                self._warn_if_replaced(row)
                 try:
                     sub = self._run_new(client, plan, row["id"], deadline, raise_on_error, wait, cancel=cancel,
                                         rerun=why, may_rerun=not lost)
@@ -1575,6 +1585,21 @@ class Ledger:
         if why:
             log.info("submission %s: %s", values["id"], _rerun_texts(*why)[0])
         return "new", values, why
+
+    def _warn_if_replaced(self, row: Mapping[str, Any]) -> None:
+        """A photo file analysed before with other bytes (replaced by a re-crop, say): both
+        submissions stay, with their tags, and tables would average them; say so once, here."""
+        if not row.get("image_path") or not row.get("image_sha256"):
+            return
+        old = self._read("SELECT id FROM submissions WHERE image_path = ? AND image_sha256 != ? AND status = 'success' "
+                         "AND backend_key = ? AND id != ? ORDER BY id DESC LIMIT 1",
+                         (row["image_path"], row["image_sha256"], row["backend_key"], row["id"]))
+        if old:
+            sid = old[0][0]
+            warnings.warn(f"{row.get('image_name') or row['image_path']} was analysed before with other bytes "
+                          f"(submission {sid}): the file has changed since. Both submissions are kept, with their "
+                          f"tags, so tables and plots of those tags would average them: filter by submission_id, or "
+                          f"retag the old one with ledger.tag({sid}, ...).", UserWarning, stacklevel=4)
 
     def _merge_tags(self, row: Mapping[str, Any], fixed: Mapping[str, str | None],
                     free: Mapping[str, str]) -> list[str]:

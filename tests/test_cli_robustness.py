@@ -689,3 +689,19 @@ def test_photos_of_one_name_from_two_folders_keep_their_folders_in_any_order(tmp
         assert sorted(p.name for p in out.iterdir() if p.is_dir() and p.name.endswith("face")) == ["a_face", "b_face"]
         runs.append({d: json.loads((out / d / "result.json").read_text())["task_id"] for d in ("a_face", "b_face")})
     assert runs[0] == runs[1] and runs[0]["a_face"] != runs[0]["b_face"]  # each folder keeps its photo's result
+
+
+def test_another_programs_database_as_the_ledger_is_a_clear_error(tmp_path, capsys, portraits, no_key):
+    import sqlite3
+
+    other = tmp_path / "other.db"
+    con = sqlite3.connect(other)
+    con.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY)")
+    con.commit()
+    con.close()
+    before = other.read_bytes()
+    photo = _photo(tmp_path, portraits)
+    assert main(["analyze", str(photo), "--actions", "redness", "--ledger", str(other)]) == 2
+    out = capsys.readouterr().out
+    assert "is not a skinlab ledger: it is another program's SQLite database (tables: notes)" in out
+    assert other.read_bytes() == before

@@ -838,3 +838,23 @@ def test_a_path_that_is_no_ledger_is_a_ledger_error_and_is_left_untouched(tmp_pa
     assert photo.read_bytes() == before
     with pytest.raises(LedgerError, match=r"is a folder, not a ledger file"):
         Ledger(tmp_path)
+
+
+def test_another_programs_sqlite_file_is_refused_untouched(tmp_path):
+    """A ledger path that names another program's SQLite database used to get skinlab's tables
+    (and WAL mode) added to it; it is refused and its bytes stay the same."""
+    import sqlite3
+
+    other = tmp_path / "other.db"
+    con = sqlite3.connect(other)
+    con.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
+    con.commit()
+    con.close()
+    before = other.read_bytes()
+    with pytest.raises(LedgerError, match=r"other.db' is not a skinlab ledger: it is another program's SQLite "
+                                          r"database \(tables: notes\).*left untouched"):
+        Ledger(other)
+    assert other.read_bytes() == before and not (tmp_path / "other.db-wal").exists()
+    fresh = Ledger(tmp_path / "empty.sqlite")  # a new file still becomes a ledger, and opens again
+    fresh.close()
+    Ledger(tmp_path / "empty.sqlite").close()

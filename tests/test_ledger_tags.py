@@ -257,3 +257,32 @@ def test_a_copy_submitted_while_its_twin_is_in_flight_warns_about_its_tags(tmp_p
         assert twin.reused and twin.tags == {"subject": "S01", "timepoint": "T0", "site": "B"}
         assert len(led) == 1 and len(server.app.task_ids()) == 1
         led.close()
+
+
+def test_a_photo_file_replaced_since_its_analysis_is_warned_about(tmp_path, local_server):
+    """Overwriting S01_T0.jpg (a better crop, say) and submitting it again makes a second
+    submission with the same tags; tables and plots of those tags would then average the two.
+    The second submit says so, naming the first; an unchanged file is reused without it."""
+    import warnings
+
+    import skinlab
+    from skinlab.client import Client, PollSchedule
+    from skinlab.ledger import LedgerReuseWarning
+
+    photo = tmp_path / "S01_T0.jpg"
+    skinlab.sample_portrait("astronaut", "sd").save(photo, quality=92)
+    client = Client(api_key="k-replaced", base_url=local_server.url, rate_limiter=False,
+                    poll_schedule=PollSchedule(first=0.05, cap=0.2))
+    led = Ledger(tmp_path / "study" / "ledger.sqlite")
+    tags = FilenamePattern("{subject}_{timepoint}.jpg")
+    first = led.submit(client, photo, ["acne"], tags=tags)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.simplefilter("ignore", LedgerReuseWarning)
+        assert led.submit(client, photo, ["acne"], tags=tags).reused  # unchanged: no word about it
+    skinlab.sample_portrait("grace_hopper", "sd").save(photo, quality=92)
+    with pytest.warns(UserWarning, match=rf"S01_T0.jpg was analysed before with other bytes \(submission "
+                                         rf"{first.id}\).*ledger.tag\({first.id}, ...\)"):
+        second = led.submit(client, photo, ["acne"], tags=tags)
+    assert second.id != first.id and len(led) == 2
+    led.close()

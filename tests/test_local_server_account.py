@@ -645,6 +645,10 @@ def test_serve_reads_its_keys_from_an_environment_variable(monkeypatch, capsys):
         serve_config("--api-keys-from", "SKINLAB_SERVE_KEYS")
     assert info.value.code == 2
     assert "--api-keys-from SKINLAB_SERVE_KEYS: that environment variable is not set" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        serve_config("--api-keys-from", "k-literal-" + "SECRET9")  # a key where the variable's name belongs
+    err = capsys.readouterr().err
+    assert "takes the name of an environment variable" in err and "SECRET9" not in err
     monkeypatch.setenv("SKINLAB_SERVE_KEYS", " , ")
     with pytest.raises(SystemExit):
         serve_config("--api-keys-from", "SKINLAB_SERVE_KEYS")
